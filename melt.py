@@ -1,0 +1,818 @@
+"""
+MELT: a looped transformer (Ouro's LoopLM) with either of two KV-cache layouts, in one file.
+
+A looped language model applies one stack of n_layer decoder layers n_loop times to every token
+(Ouro, arXiv 2510.25741). Where its keys and values live decides its memory:
+
+- cache="loop"   (LoopLM / Ouro): one KV cache per (loop, layer). At loop r a token attends to the
+                  loop-r keys/values of earlier tokens, so memory grows n_loop times.
+- cache="shared" (MELT, arXiv 2605.07721): one KV cache per layer. Per layer and token a latent s
+                  runs across the loops through a gate, s = z*s + (1-z)*x, and keys/values come
+                  from s. Earlier tokens expose only their final row, so memory is that of a
+                  standard transformer whatever n_loop is. Training runs chunk-wise, because at
+                  inference earlier tokens are already final.
+
+Where things live (search for the tags):
+    THE LOOP          MELT._run_chunk: `for r in range(n_loops)` over `for block in self.blocks`
+    THE GATE          LatentGate.forward: z and the update of s
+    THE CACHE LAYOUTS KVCache (preallocated, inference) and _History (autograd, training);
+                      MELT._attend chooses which rows a layer reads at a loop
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CACHE_LAYOUTS = ("loop", "shared")
+GATES = ("learned", "scalar", "mean", "ema", "last", "first")
+LOSSES = ("expected_logits", "expected_loss", "last")
+
+
+class MeltError(ValueError):
+    """A problem with the caller's input (config, checkpoint, prompt), stated in one line."""
+
+
+@dataclass
+class MeltConfig:
+    vocab_size: int = 512            # number of token ids
+    block_size: int = 1024           # longest position the model handles (RoPE table, default cache)
+    n_layer: int = 4                 # decoder layers in the stack that is looped
+    n_loop: int = 4                  # times the stack runs per token; 1 is a standard transformer
+    n_embd: int = 256                # model width
+    n_head: int = 4                  # query heads
+    n_kv_head: int = 4               # key/value heads; fewer than n_head is grouped-query attention
+    head_dim: int = 0                # width of one head; 0 means n_embd // n_head
+    mlp_hidden: int = 0              # SwiGLU inner width; 0 means round(2.75 * n_embd), Ouro's ratio
+    rope_theta: float = 10000.0      # RoPE base (Ouro-1.4B uses 1e6)
+    norm_eps: float = 1e-6           # RMSNorm epsilon
+    cache: str = "loop"              # KV layout: "loop" (one cache per loop and layer) or "shared" (MELT)
+    gate: str = "learned"            # shared mode: how s carries across loops, one of GATES
+    gate_bias_init: float = -2.0     # learned/scalar gate start: z = sigmoid(-2) = 0.12, near "last"
+    ema_rate: float = 0.2            # gate="ema": weight of the new loop, s = (1-rate)*s + rate*x
+    chunk_size: int = 64             # shared mode: tokens per chunk in training and prefill
+    exit_threshold: float = 1.0      # the loop whose logits are "the" logits: first with cum. exit prob >= this
+    loss: str = "expected_logits"    # training loss, one of LOSSES
+    entropy_weight: float = 0.05     # loss="expected_loss": beta of the entropy bonus on the exit distribution
+    init_std: float = 0.02           # std of the normal init of matrices and embeddings
+
+    def __post_init__(self):
+        if self.head_dim == 0 and self.n_head >= 1 and self.n_embd % self.n_head:
+            raise MeltError(f"bad MeltConfig: n_head={self.n_head} does not divide n_embd={self.n_embd}")
+        self.head_dim = self.head_dim or self.n_embd // max(self.n_head, 1)
+        self.mlp_hidden = self.mlp_hidden or int(round(2.75 * self.n_embd))
+        self.validate()
+
+    def validate(self):
+        """Raise MeltError naming the first contradiction in this config."""
+        def need(ok, msg):
+            if not ok:
+                raise MeltError(f"bad MeltConfig: {msg}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        need(self.n_loop >= 1, f"n_loop={self.n_loop} must be >= 1")
+        need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
+        need(self.cache in CACHE_LAYOUTS, f"cache={self.cache!r}, expected one of {CACHE_LAYOUTS}")
+        need(self.gate in GATES, f"gate={self.gate!r}, expected one of {GATES}")
+        need(self.loss in LOSSES, f"loss={self.loss!r}, expected one of {LOSSES}")
+        need(self.n_head % self.n_kv_head == 0,
+             f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        need(self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        need(0.0 < self.exit_threshold <= 1.0, f"exit_threshold={self.exit_threshold} not in (0, 1]")
+        need(0.0 < self.ema_rate <= 1.0, f"ema_rate={self.ema_rate} not in (0, 1]")
+        return self
+
+
+# -----------------------------------------------------------------------------
+# small pieces: norm, rotary embedding, attention projections, MLP, the MELT gate
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm computed in float32 and cast back before the scale, as Ouro does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ weight, no bias, with weight stored (in_features, out_features): the transpose of
+    nn.Linear's layout. One-token decoding is a matrix-vector product that streams every weight
+    from memory, and on the 2-core CPUs we test on this layout streams about 1.6x faster than
+    nn.Linear's (bench/matvec_layout.py measures it). GPUs do not care either way."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos, sin of shape (max_len, head_dim) in float32, split-half (NeoX) layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                     # (T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by position; cos/sin are (T, hs). Split-half: pairs (i, i + hs/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """The projections of one attention layer, no biases (Ouro). Keys and values share one
+    matrix kv_proj = [W_K | W_V] (one read instead of two when decoding); queries have their own
+    because in shared mode they come from x while keys/values come from the latent s. The
+    attention itself is in MELT._attend: which keys a query sees depends on the cache layout."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim)
+        self.kv_proj = Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with [W_gate | W_up] in one matrix gate_up."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up = Linear(cfg.n_embd, 2 * cfg.mlp_hidden)
+        self.down_proj = Linear(cfg.mlp_hidden, cfg.n_embd)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LatentGate(nn.Module):
+    """THE GATE. How the MELT latent s of a layer carries from loop to loop (shared mode).
+
+    x is the layer's normed input at this loop (what Ouro projects q/k/v from), s the latent
+    after the previous loop. Loop 1 sets s = x (our choice; the paper does not say); later loops
+    s = z*s + (1-z)*x, with z, by kind:
+        learned  z = sigmoid(x W_z + s U_z + b_z), element-wise (MELT, Eq. of Sec. 3)
+        scalar   z = sigmoid(w), one learned number per layer
+        mean     z = (r-1)/r at loop r (1-based): s is the running mean of the loops' x
+        ema      z = 1 - ema_rate
+        last     z = 0: keep the newest loop only (Ouro's decode-time reuse of the last loop)
+        first    z = 1: keep loop 1 only (Mixture-of-Recursions-style recursive sharing)
+    One set of parameters per layer, shared by the loops.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind, self.ema_rate = cfg.gate, cfg.ema_rate
+        if self.kind == "learned":
+            self.w_z = Linear(cfg.n_embd, cfg.n_embd)       # x W_z
+            self.u_z = Linear(cfg.n_embd, cfg.n_embd)       # s U_z
+            self.b_z = nn.Parameter(torch.zeros(cfg.n_embd))
+        elif self.kind == "scalar":
+            self.w = nn.Parameter(torch.zeros(()))
+        self.reset_parameters(cfg.gate_bias_init)
+
+    @torch.no_grad()
+    def reset_parameters(self, bias):
+        """The documented start: W_z = U_z = 0 and b_z = bias, so z = sigmoid(bias) everywhere,
+        a fixed EMA that leans to the newest loop; the gradient still reaches W_z and U_z."""
+        if self.kind == "learned":
+            self.w_z.weight.zero_()
+            self.u_z.weight.zero_()
+            self.b_z.fill_(bias)
+        elif self.kind == "scalar":
+            self.w.fill_(bias)
+
+    def forward(self, x, s, r):
+        """x, s: (B, T, C); r: 0-based loop index. Returns the new s."""
+        if r == 0:
+            return x
+        if self.kind == "learned":
+            z = torch.sigmoid(self.w_z(x) + self.u_z(s) + self.b_z)
+        elif self.kind == "scalar":
+            z = torch.sigmoid(self.w)
+        elif self.kind == "mean":
+            z = r / (r + 1)
+        elif self.kind == "ema":
+            z = 1.0 - self.ema_rate
+        elif self.kind == "last":
+            return x
+        else:  # "first"
+            return s
+        return z * s + (1 - z) * x
+
+
+class Block(nn.Module):
+    """One decoder layer in Ouro's "sandwich" form, with four RMSNorms:
+        h = h + attn_out_norm(attn(attn_in_norm(h)))
+        h = h + mlp_out_norm(mlp(mlp_in_norm(h)))
+    (Ouro's names: input_layernorm, input_layernorm_2, post_attention_layernorm,
+    post_attention_layernorm_2.) The gate exists in shared mode only."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_in_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.attn_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp_in_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.mlp_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.gate = LatentGate(cfg) if cfg.cache == "shared" else None
+
+
+# -----------------------------------------------------------------------------
+# THE CACHE LAYOUTS
+
+class KVCache:
+    """Preallocated keys/values for inference, passed into the model, never stored on it.
+
+    k, v have shape (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE:
+        loop layout   (LoopLM): n_slots = n_loop, slot r holds every token's loop-r row.
+        shared layout (MELT):   n_slots = 1, the one row per token and layer that all loops read;
+                                while a chunk runs it holds the chunk's current rows, after the
+                                chunk's last loop its final rows.
+    `pos` is the number of tokens already in the cache; it advances in end_chunk() and nowhere else.
+    """
+
+    def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.layout, self.batch_size, self.max_len = layout, batch_size, max_len
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    @property
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def rows(self, slot, layer, k, v):
+        """Write the chunk's rows k, v (B, nkv, c, hs) at the current position and return all
+        rows of (slot, layer) up to the chunk's end, as views (no copy)."""
+        end = self.pos + k.shape[2]
+        self.k[slot, layer, :, :, self.pos:end] = k
+        self.v[slot, layer, :, :, self.pos:end] = v
+        return self.k[slot, layer, :, :, :end], self.v[slot, layer, :, :, :end]
+
+    def end_chunk(self, n_tokens):
+        self.pos += n_tokens
+
+    def reset(self):
+        self.pos = 0
+
+
+class _History:
+    """The training-time twin of KVCache: same rows() / end_chunk() / pos, but it keeps earlier
+    chunks' rows as autograd tensors (concatenated, not written in place) so that gradients
+    flow through them. Slots are keys of a dict, so the transition can hold both layouts."""
+
+    def __init__(self):
+        self.past, self.current, self.pos = {}, {}, 0
+
+    def rows(self, slot, layer, k, v):
+        self.current[slot, layer] = (k, v)   # in shared mode the last loop's write is the final row
+        if (slot, layer) not in self.past:
+            return k, v
+        pk, pv = self.past[slot, layer]
+        return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+
+    def end_chunk(self, n_tokens):
+        for key, (k, v) in self.current.items():
+            if key in self.past:
+                pk, pv = self.past[key]
+                k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+            self.past[key] = (k, v)
+        self.current = {}
+        self.pos += n_tokens
+
+
+@dataclass
+class LoopOutput:
+    """What one pass of the looped model computed (all tensors for the positions passed in)."""
+    hidden: torch.Tensor        # (R, B, T, C) each loop's output, after the final norm
+    gate_logits: torch.Tensor   # (R, B, T) the early-exit gate before its sigmoid, per loop
+    exit_probs: torch.Tensor    # (R, B, T) Ouro's exit distribution p_t
+    selected: torch.Tensor      # (B, T, C) hidden of the loop chosen by exit_threshold
+    loops_used: torch.Tensor    # (B, T) loops actually computed for each token
+    attn: list                  # attn[t][l] (B, T, C): attention output of layer l at loop t, or None
+
+
+def exit_distribution(gate_logits):
+    """Ouro's p_t = lambda_t * prod_{j<t}(1 - lambda_j), the last loop taking the remainder.
+    gate_logits: (R, ...) -> p: (R, ...). Same order of operations as the reference code."""
+    lam = torch.sigmoid(gate_logits)
+    remaining = torch.ones_like(lam[0])
+    p = []
+    for t in range(lam.shape[0]):
+        if t < lam.shape[0] - 1:
+            p.append(lam[t] * remaining)
+            remaining = remaining * (1.0 - lam[t])
+        else:
+            p.append(remaining)
+    return torch.stack(p)
+
+
+def exit_choice(exit_probs, threshold):
+    """Index of the first loop whose cumulative exit probability reaches threshold, else the
+    last loop (Ouro's early_exit_threshold rule). (R, B, T) -> (B, T) int64."""
+    reached = exit_probs.cumsum(0) >= threshold
+    choice = reached.float().argmax(0)
+    return torch.where(reached.any(0), choice, torch.full_like(choice, exit_probs.shape[0] - 1))
+
+
+def causal_mask(n_past, n_new, device):
+    """(n_new, n_past + n_new) bool: a new token sees every past row and the new rows up to
+    itself. None where SDPA needs no mask (one new token sees everything)."""
+    if n_new == 1:
+        return None
+    return torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device).tril(n_past)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pure sampling step: logits (B, V) -> ids (B, 1). temperature 0 means argmax."""
+    if temperature < 0:
+        raise MeltError(f"temperature={temperature} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise MeltError(f"top_k={top_k} must be >= 1")
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class MELT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config.validate()
+        cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)   # no scaling (Ouro)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)              # applied after every loop
+        self.exit_gate = nn.Linear(cfg.n_embd, 1, bias=True)       # lambda_t = sigmoid(exit_gate(h_t))
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size)          # untied from tok_emb
+        self._init_rope()
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            if block.gate is not None:
+                block.gate.reset_parameters(cfg.gate_bias_init)
+
+    def _init_rope(self, device=None):
+        cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def _init_weights(self, module):
+        if isinstance(module, (Linear, nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    # ---- one layer at one loop ------------------------------------------------------------
+
+    def _kv(self, block, inp, cos, sin):
+        """Keys (after RoPE) and values of the rows inp (B, c, C) -> 2 x (B, nkv, c, hs)."""
+        B, c, _ = inp.shape
+        cfg = self.config
+        kv = block.attn.kv_proj(inp).view(B, c, 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, 2nkv, c, hs)
+        k, v = kv.split(cfg.n_kv_head, dim=1)                                                # (B, nkv, c, hs)
+        return apply_rope(k, cos, sin), v
+
+    def _attend(self, l, r, block, x, s, store, ctx):
+        """Attention of layer l at loop r for the chunk's normed inputs x (B, c, C).
+
+        Which key/value rows are read is the whole difference between the layouts:
+            loop   rows projected from x at loop r; earlier tokens' loop-r rows (slot r)
+            shared rows projected from the latent s; earlier tokens' final rows (one slot)
+            0 < alpha < 1 (the transition): alpha * shared + (1 - alpha) * loop, both kept
+        """
+        B, c, C = x.shape
+        cfg = self.config
+        cos, sin, alpha = ctx["cos"], ctx["sin"], ctx["alpha"]
+        q = block.attn.q_proj(x).view(B, c, cfg.n_head, cfg.head_dim).transpose(1, 2)   # (B, nh, c, hs)
+        q = apply_rope(q, cos, sin)
+        if alpha == 1.0:
+            k, v = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
+        elif alpha == 0.0:
+            k, v = store.rows(r, l, *self._kv(block, x, cos, sin))
+        else:
+            k_loop, v_loop = store.rows(r, l, *self._kv(block, x, cos, sin))
+            k_shr, v_shr = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
+            k = alpha * k_shr + (1.0 - alpha) * k_loop
+            v = alpha * v_shr + (1.0 - alpha) * v_loop
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
+        y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)               # (B, c, nh*hs)
+        return block.attn.o_proj(y)
+
+    def _layer(self, l, r, h, s, store, ctx):
+        """Layer l at loop r on the chunk's hidden states h (B, c, C). Returns the new h, the
+        new latent s (None outside shared mode) and the attention output (after o_proj)."""
+        block = self.blocks[l]
+        x = block.attn_in_norm(h)
+        if ctx["alpha"] > 0.0:
+            s = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
+        a = self._attend(l, r, block, x, s, store, ctx)
+        h = h + block.attn_out_norm(a)
+        h = h + block.mlp_out_norm(block.mlp(block.mlp_in_norm(h)))
+        return h, s, a
+
+    # ---- the loop, chunk by chunk -----------------------------------------------------------
+
+    def _run_chunk(self, h, store, n_loops, alpha, threshold, collect_attn):
+        """All loops for one chunk h (B, c, C) of embeddings; earlier chunks are in store."""
+        B, c, _ = h.shape
+        pos = store.pos
+        shared = self.config.cache == "shared"
+        ctx = dict(
+            cos=self.rope_cos[pos:pos + c].to(h.dtype), sin=self.rope_sin[pos:pos + c].to(h.dtype),
+            alpha=alpha if shared else 0.0,
+            shared_slot=n_loops if 0.0 < alpha < 1.0 else 0,   # the transition keeps both layouts
+            mask=causal_mask(pos, c, h.device) if pos > 0 else None,
+            is_causal=pos == 0 and c > 1,
+        )
+        # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
+        # hidden state, latent and KV row, and later tokens read that row. In loop mode every
+        # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
+        adaptive = shared and ctx["alpha"] == 1.0 and threshold < 1.0
+        done = torch.zeros(B, c, dtype=torch.bool, device=h.device)
+        remaining = torch.ones(B, c, dtype=torch.float32, device=h.device)
+        cum_exit = torch.zeros(B, c, dtype=torch.float32, device=h.device)
+        loops_used = torch.zeros(B, c, dtype=torch.long, device=h.device)
+        s = [None] * self.config.n_layer   # the MELT latent of each layer, carried across loops
+        hidden, gate_logits, attn = [], [], []
+        for r in range(n_loops):                                   # THE LOOP
+            attn_r = []
+            for l in range(self.config.n_layer):
+                h_new, s_new, a = self._layer(l, r, h, s[l], store, ctx)
+                if adaptive and r > 0:
+                    keep = done.unsqueeze(-1)
+                    h_new, s_new = torch.where(keep, h, h_new), torch.where(keep, s[l], s_new)
+                h, s[l] = h_new, s_new
+                attn_r.append(a)
+            h_final = self.norm(h)
+            if adaptive and r > 0:
+                h_final = torch.where(done.unsqueeze(-1), hidden[-1], h_final)
+            h = h_final                       # Ouro: the final norm's output is the next loop's input
+            g = self.exit_gate(h).squeeze(-1)  # (B, c)
+            hidden.append(h)
+            gate_logits.append(g)
+            if collect_attn:
+                attn.append(attn_r)
+            loops_used = loops_used + (~done).long()
+            if adaptive and r < n_loops - 1:
+                lam = torch.sigmoid(g.float())
+                cum_exit = cum_exit + lam * remaining
+                remaining = remaining * (1.0 - lam)
+                done = done | (cum_exit >= threshold)
+                if bool(done.all()):
+                    break
+        store.end_chunk(c)
+        return hidden, gate_logits, attn, loops_used
+
+    def run(self, idx, n_loops=None, cache=None, alpha=None, exit_threshold=None, collect_attn=False):
+        """The looped forward pass on token ids idx (B, T) -> LoopOutput.
+
+        n_loops: loops to run (default config.n_loop). cache: a KVCache from new_cache() holding
+        the earlier tokens, or None to start from position 0 without keeping anything.
+        alpha: shared mode's interpolation between the layouts (default 1: pure MELT).
+        exit_threshold: default config.exit_threshold; below 1 in shared mode tokens stop looping.
+        collect_attn: keep every layer's attention output at every loop (for distillation).
+        """
+        cfg = self.config
+        B, T = idx.shape
+        R = cfg.n_loop if n_loops is None else n_loops
+        alpha = 1.0 if alpha is None else float(alpha)
+        q = cfg.exit_threshold if exit_threshold is None else float(exit_threshold)
+        if R < 1:
+            raise MeltError(f"n_loops={R} must be >= 1")
+        if not 0.0 <= alpha <= 1.0:
+            raise MeltError(f"alpha={alpha} must be in [0, 1]")
+        if not 0.0 < q <= 1.0:
+            raise MeltError(f"exit_threshold={q} must be in (0, 1]")
+        shared = cfg.cache == "shared"
+        store = _History() if cache is None else cache
+        if cache is not None:
+            self._check_cache(cache, B, T, R, alpha)
+        if store.pos + T > cfg.block_size:
+            raise MeltError(f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
+        # Loop mode needs no chunks: at loop r a token reads earlier tokens' loop-r rows, which a
+        # causal mask over the whole sequence already gives. Shared mode reads earlier tokens'
+        # *final* rows, which exist only once their chunk has run all its loops.
+        chunk = cfg.chunk_size if shared and alpha > 0.0 else T
+        emb = self.tok_emb(idx)   # (B, T, C)
+        parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, q, collect_attn)
+                 for i in range(0, T, chunk)]          # chunks in sequence, tokens within in parallel
+        n_run = min(len(p[0]) for p in parts)
+        if n_run < max(len(p[0]) for p in parts):     # adaptive exit ended chunks at different loops
+            parts = [([*hd, *[hd[-1]] * (R - len(hd))], [*g, *[g[-1]] * (R - len(g))], a, u)
+                     for hd, g, a, u in parts]
+        hidden = torch.cat([torch.stack(p[0]) for p in parts], dim=2)        # (R', B, T, C)
+        gate_logits = torch.cat([torch.stack(p[1]) for p in parts], dim=2)   # (R', B, T)
+        loops_used = torch.cat([p[3] for p in parts], dim=1)                 # (B, T)
+        attn = None
+        if collect_attn:
+            attn = [[torch.cat([p[2][t][l] for p in parts], dim=1) for l in range(cfg.n_layer)]
+                    for t in range(len(parts[0][2]))]
+        exit_probs = exit_distribution(gate_logits)
+        choice = exit_choice(exit_probs, q)                                   # (B, T)
+        selected = hidden.gather(0, choice[None, :, :, None].expand(1, *hidden.shape[1:])).squeeze(0)
+        return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
+
+    def _check_cache(self, cache, B, T, R, alpha):
+        cfg = self.config
+        if cache.layout != cfg.cache:
+            raise MeltError(f"cache layout {cache.layout!r} does not match the model's cache={cfg.cache!r}")
+        if cfg.cache == "shared" and alpha != 1.0:
+            raise MeltError("a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
+        if cfg.cache == "loop" and cache.k.shape[0] < R:
+            raise MeltError(f"this loop cache has {cache.k.shape[0]} loop slots, n_loops={R} needs {R}")
+        if cache.batch_size != B:
+            raise MeltError(f"cache is for batch size {cache.batch_size}, got {B}")
+        if cache.pos + T > cache.max_len:
+            raise MeltError(f"prompt of {T} tokens after {cache.pos} cached ones exceeds the cache "
+                            f"length {cache.max_len}: make a longer cache with new_cache()")
+
+    def check_ids(self, idx):
+        """Refuse token ids outside the vocabulary with a clear message."""
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise MeltError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                            f"min {int(idx.min())}, max {int(idx.max())}")
+
+    def loop_logits(self, out):
+        """Per-loop logits (R, B, T, V) of a LoopOutput."""
+        return self.lm_head(out.hidden)
+
+    def loss(self, out, targets, kind=None):
+        """Training loss of a LoopOutput against targets (B, T), -1 ignored.
+            expected_logits  cross-entropy of sum_t p_t * logits_t (what released Ouro code trains)
+            expected_loss    sum_t p_t * CE_t - entropy_weight * H(p) (the Ouro paper's objective)
+            last             cross-entropy of the last loop's logits
+        """
+        kind = kind or self.config.loss
+        V = self.config.vocab_size
+        flat_t = targets.reshape(-1)
+        if kind == "last":
+            return F.cross_entropy(self.lm_head(out.hidden[-1]).float().view(-1, V), flat_t, ignore_index=-1)
+        logits = self.loop_logits(out).float()              # (R, B, T, V)
+        p = out.exit_probs.float()                           # (R, B, T)
+        if kind == "expected_logits":
+            mixed = (p.unsqueeze(-1) * logits).sum(0)        # (B, T, V)
+            return F.cross_entropy(mixed.view(-1, V), flat_t, ignore_index=-1)
+        R = logits.shape[0]
+        ce = F.cross_entropy(logits.view(-1, V), flat_t.repeat(R), ignore_index=-1, reduction="none")
+        ce = ce.view(R, -1)                                  # (R, B*T)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0).view(-1)
+        valid = (flat_t != -1).float()
+        per_token = (p.view(R, -1) * ce).sum(0) - self.config.entropy_weight * entropy
+        return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
+
+    def forward(self, idx, targets=None, n_loops=None, alpha=None):
+        """idx (B, T) -> (logits (B, T, V) of the loop chosen by exit_threshold, loss or None)."""
+        if not torch.compiler.is_compiling():
+            self.check_ids(idx)
+        out = self.run(idx, n_loops=n_loops, alpha=alpha)
+        logits = self.lm_head(out.selected)
+        loss = None if targets is None else self.loss(out, targets)
+        return logits, loss
+
+    # ---- caches and generation --------------------------------------------------------------
+
+    def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None):
+        """A preallocated KVCache for this model's layout. Loop layout: one slot per loop
+        (n_loops, default config.n_loop); shared layout: one slot, whatever the loop count."""
+        cfg = self.config
+        max_seq_len = max_seq_len or cfg.block_size
+        if max_seq_len > cfg.block_size:
+            raise MeltError(f"max_seq_len={max_seq_len} exceeds block_size={cfg.block_size}")
+        n_slots = (n_loops or cfg.n_loop) if cfg.cache == "loop" else 1
+        p = self.lm_head.weight
+        return KVCache(cfg.cache, n_slots, cfg.n_layer, batch_size, cfg.n_kv_head, max_seq_len,
+                       cfg.head_dim, dtype or p.dtype, device or p.device)
+
+    def step(self, idx, cache, n_loops=None, exit_threshold=None):
+        """Run idx (B, c) after what the cache holds -> (logits of the last position (B, V),
+        loops used (B, c)). Prefill (c = prompt length) and decode (c = 1) are this one call."""
+        out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
+        return self.lm_head(out.selected[:, -1]), out.loops_used
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None,
+                        generator=None, n_loops=None, exit_threshold=None, decode_step=None):
+        """Yield (next ids (B, 1), loops used per token (B,)) one step at a time: prefill the
+        prompt into the cache, then decode one token at a time reusing it. decode_step may be a
+        compiled version of self.step for the one-token case."""
+        B, T = idx.shape
+        if T == 0:
+            raise MeltError("empty prompt: give at least one token")
+        self.check_ids(idx)
+        if cache is None:
+            cache = self.new_cache(B, T + max_new_tokens, n_loops=n_loops)
+        if cache.pos + T + max_new_tokens > cache.max_len:
+            raise MeltError(f"prompt of {T} tokens + {max_new_tokens} new ones exceed the cache length "
+                            f"{cache.max_len} (block_size {self.config.block_size})")
+        decode_step = decode_step or self.step
+        logits, used = self.step(idx, cache, n_loops, exit_threshold)            # prefill
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            yield nxt, used[:, -1]
+            if i < max_new_tokens - 1:
+                logits, used = decode_step(nxt, cache, n_loops, exit_threshold)  # decode
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
+                 n_loops=None, exit_threshold=None):
+        """Prompt idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy."""
+        new = [t for t, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, cache,
+                                                   generator, n_loops, exit_threshold)]
+        return torch.cat([idx, *new], dim=1)
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def load_weights(self, state_dict, strict_gates=False):
+        """Load a state dict; shapes and names must match, except that gate parameters a
+        looped checkpoint lacks (converting to shared mode) keep their documented init
+        (LatentGate.reset_parameters)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if not strict_gates:
+            missing = [k for k in missing if ".gate." not in k]
+        if missing or unexpected:
+            raise MeltError(f"checkpoint does not fit this model: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+        for k, t in state_dict.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise MeltError(f"tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(own[k].shape)}")
+        self.load_state_dict(state_dict, strict=False)
+        return self
+
+    @classmethod
+    def from_ouro(cls, path, dtype=None, torch_dtype=None, device="cpu", **overrides):
+        """Read a local Hugging Face Ouro directory (config.json, model.safetensors or a sharded
+        model.safetensors.index.json) into a MELT model. overrides are MeltConfig fields, e.g.
+        cache="shared", gate="last". Weights keep the file's dtype unless dtype (or torch_dtype)
+        is given. In shared mode the new gate parameters start as LatentGate.reset_parameters says.
+        Nothing is downloaded."""
+        from safetensors import safe_open
+
+        if not os.path.isdir(path):
+            raise MeltError(f"no Ouro checkpoint directory at {path!r}")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise MeltError(f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        config = ouro_config(hf, **overrides)
+        dtype = dtype or torch_dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+
+        single = os.path.join(path, "model.safetensors")
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                where = {k: single for k in f.keys()}
+        elif os.path.isfile(index_path):
+            with open(index_path) as f:
+                where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            raise MeltError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
+        expected = ouro_shapes(config)
+        if "lm_head.weight" not in where and hf.get("tie_word_embeddings"):
+            expected.pop("lm_head.weight")
+        unknown = sorted(set(where) - set(expected))
+        if unknown:
+            raise MeltError(f"cannot map Ouro tensors {unknown[:5]} (of {len(unknown)}) to this model")
+        absent = sorted(set(expected) - set(where))
+        if absent:
+            raise MeltError(f"Ouro checkpoint lacks tensors {absent[:5]} (of {len(absent)})")
+        hf_state = {}
+        for fp in sorted(set(where.values())):
+            if not os.path.isfile(fp):
+                raise MeltError(f"weight shard {fp!r} named in the index is missing")
+            with safe_open(fp, "pt", device="cpu") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != expected[name]:
+                        raise MeltError(f"Ouro tensor {name} has shape {tuple(t.shape)}, "
+                                        f"config.json implies {expected[name]}")
+                    hf_state[name] = t if dtype is None else t.to(dtype)
+        state = ouro_to_melt(hf_state, config)
+        with torch.device("meta"):
+            model = cls(config)
+        for name, t in model.state_dict().items():   # new gate parameters: the documented init
+            if name not in state:
+                state[name] = torch.zeros(t.shape, dtype=state["tok_emb.weight"].dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        for block in model.blocks:
+            if block.gate is not None:
+                block.gate.reset_parameters(config.gate_bias_init)
+        model._init_rope()
+        return model.to(device)
+
+
+def ouro_shapes(cfg):
+    """Every tensor name of a Hugging Face Ouro checkpoint with the shape cfg implies."""
+    C, V, H = cfg.n_embd, cfg.vocab_size, cfg.mlp_hidden
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,), "lm_head.weight": (V, C),
+              "model.early_exit_gate.weight": (1, C), "model.early_exit_gate.bias": (1,)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm",
+                     "post_attention_layernorm_2"):
+            shapes[p + norm + ".weight"] = (C,)
+        shapes.update({p + "self_attn.q_proj.weight": (q, C), p + "self_attn.k_proj.weight": (kv, C),
+                       p + "self_attn.v_proj.weight": (kv, C), p + "self_attn.o_proj.weight": (C, q),
+                       p + "mlp.gate_proj.weight": (H, C), p + "mlp.up_proj.weight": (H, C),
+                       p + "mlp.down_proj.weight": (C, H)})
+    return shapes
+
+
+def ouro_to_melt(hf, cfg):
+    """Hugging Face Ouro tensors -> this model's state dict. nn.Linear's (out, in) matrices are
+    transposed to our (in, out) Linear; k/v and gate/up are concatenated into kv_proj and gate_up.
+    The four sandwich norms are renamed by what they do."""
+    T = lambda name: hf[name].t().contiguous()
+    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+          "exit_gate.weight": hf["model.early_exit_gate.weight"],
+          "exit_gate.bias": hf["model.early_exit_gate.bias"],
+          "lm_head.weight": T("lm_head.weight") if "lm_head.weight" in hf
+          else hf["model.embed_tokens.weight"].t().contiguous()}
+    norms = {"input_layernorm": "attn_in_norm", "input_layernorm_2": "attn_out_norm",
+             "post_attention_layernorm": "mlp_in_norm", "post_attention_layernorm_2": "mlp_out_norm"}
+    for i in range(cfg.n_layer):
+        p, b = f"model.layers.{i}.", f"blocks.{i}."
+        for theirs, ours in norms.items():
+            sd[b + ours + ".weight"] = hf[p + theirs + ".weight"]
+        sd[b + "attn.q_proj.weight"] = T(p + "self_attn.q_proj.weight")
+        sd[b + "attn.kv_proj.weight"] = torch.cat((T(p + "self_attn.k_proj.weight"),
+                                                   T(p + "self_attn.v_proj.weight")), dim=1)
+        sd[b + "attn.o_proj.weight"] = T(p + "self_attn.o_proj.weight")
+        sd[b + "mlp.gate_up.weight"] = torch.cat((T(p + "mlp.gate_proj.weight"),
+                                                  T(p + "mlp.up_proj.weight")), dim=1)
+        sd[b + "mlp.down_proj.weight"] = T(p + "mlp.down_proj.weight")
+    return sd
+
+
+def ouro_config(hf, **overrides):
+    """MeltConfig from an Ouro config.json dict; refuses what this model does not implement."""
+    if hf.get("model_type") != "ouro" and "OuroForCausalLM" not in hf.get("architectures", []):
+        raise MeltError(f"config.json is not an Ouro model (model_type={hf.get('model_type')!r})")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+        raise MeltError("sliding-window attention layers are not supported")
+    if hf.get("rope_scaling"):
+        raise MeltError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MeltError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    try:
+        kw = dict(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], mlp_hidden=hf["intermediate_size"],
+                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                  rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                  n_loop=hf.get("total_ut_steps", 4), block_size=hf.get("max_position_embeddings", 4096),
+                  exit_threshold=float(hf.get("early_exit_threshold") or 1.0))
+    except KeyError as e:
+        raise MeltError(f"Ouro config.json lacks {e.args[0]!r}") from None
+    known = {f.name for f in fields(MeltConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise MeltError(f"unknown MeltConfig fields {bad}; valid: {sorted(known)}")
+    kw.update(overrides)
+    return MeltConfig(**kw)
+
+
+def load_ouro_tokenizer(path):
+    """The tokenizer of an Ouro directory, from its tokenizer.json (Hugging Face `tokenizers`)."""
+    from tokenizers import Tokenizer
+    fp = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(fp):
+        raise MeltError(f"{path!r} has no tokenizer.json")
+    return Tokenizer.from_file(fp)
+
+
+def config_dict(config):
+    return asdict(config)

@@ -1,0 +1,450 @@
+"""Tests of melt.py (and, further down, of train.py, distill.py and sample.py).
+
+Run: python -m pytest -q test_melt.py
+The model tests compare against two independent computations: the reference Ouro implementation's
+outputs on a tiny checkpoint (tests/fixtures/ouro_tiny), and `naive_forward` below, which spells
+out the MELT and LoopLM definitions token by token with Python loops and no shared code.
+"""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from melt import MELT, MeltConfig, MeltError, load_ouro_tokenizer, sample_next
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OURO_TINY = os.path.join(HERE, "tests", "fixtures", "ouro_tiny")
+torch.set_num_threads(2)
+
+
+def load_reference():
+    from safetensors.torch import load_file
+    return load_file(os.path.join(OURO_TINY, "reference.safetensors"))
+
+
+def tiny_model(seed=0, **kw):
+    """A small random model; learned gates get random (not zero) W_z, U_z so they matter."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=61, n_embd=32, n_head=4, n_kv_head=2, n_layer=2, n_loop=3, block_size=64,
+               chunk_size=4)
+    cfg.update(kw)
+    model = MELT(MeltConfig(**cfg)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.gate is not None and block.gate.kind == "learned":
+                block.gate.w_z.weight.normal_(0, 0.3)
+                block.gate.u_z.weight.normal_(0, 0.3)
+                block.gate.b_z.normal_(0, 0.5)
+            if block.gate is not None and block.gate.kind == "scalar":
+                block.gate.w.fill_(0.4)
+        model.exit_gate.bias.fill_(-1.0)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent, deliberately slow statement of the model: one token at a time.
+
+def naive_forward(model, idx, bounds, n_loops=None, alpha=1.0):
+    """Per-loop hidden states (R, B, T, C) computed from the definitions, token by token.
+
+    bounds: list of (start, end) chunks covering 0..T. In loop mode a token at loop r reads the
+    loop-r rows of every earlier token and itself. In shared mode a token at loop r reads the
+    *final* rows of tokens in earlier chunks and the loop-r rows of the tokens of its own chunk
+    up to itself; its row is projected from the latent s. With 0 < alpha < 1 every row read is
+    alpha * shared row + (1 - alpha) * loop row."""
+    cfg = model.config
+    R = n_loops or cfg.n_loop
+    B, T = idx.shape
+    nh, nkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    shared = cfg.cache == "shared"
+
+    def rms(v, w):
+        return w * (v / torch.sqrt((v * v).mean() + cfg.norm_eps))
+
+    def rope(vec, pos):   # vec (hs,): rotate pairs (i, i + hs/2) by pos * theta^(-2i/hs)
+        out = vec.clone()
+        for i in range(hs // 2):
+            ang = pos * cfg.rope_theta ** (-2.0 * i / hs)
+            a, b = vec[i], vec[i + hs // 2]
+            out[i] = a * math.cos(ang) - b * math.sin(ang)
+            out[i + hs // 2] = b * math.cos(ang) + a * math.sin(ang)
+        return out
+
+    def gate(blk, x, s, r):
+        g, kind = blk.gate, cfg.gate
+        if r == 0:
+            return x
+        if kind == "learned":
+            z = torch.sigmoid(x @ g.w_z.weight + s @ g.u_z.weight + g.b_z)
+        elif kind == "scalar":
+            z = torch.sigmoid(g.w)
+        elif kind == "mean":
+            z = torch.tensor(r / (r + 1.0))
+        elif kind == "ema":
+            z = torch.tensor(1.0 - cfg.ema_rate)
+        elif kind == "last":
+            z = torch.tensor(0.0)
+        else:
+            z = torch.tensor(1.0)
+        return z * s + (1 - z) * x
+
+    def kv_rows(blk, inp, pos):
+        kv = inp @ blk.attn.kv_proj.weight
+        k, v = kv[:nkv * hs].view(nkv, hs), kv[nkv * hs:].view(nkv, hs)
+        return torch.stack([rope(k[j], pos) for j in range(nkv)]), v
+
+    hidden = torch.zeros(R, B, T, cfg.n_embd)
+    with torch.no_grad():
+        for b in range(B):
+            final = {}     # (l, t) -> (k, v): shared rows after the token's last loop
+            loop_rows = {}  # (r, l, t) -> (k, v)
+            for (c0, c1) in bounds:
+                h = {t: model.tok_emb.weight[idx[b, t]].clone() for t in range(c0, c1)}
+                s = {}
+                for r in range(R):
+                    for l, blk in enumerate(model.blocks):
+                        x = {t: rms(h[t], blk.attn_in_norm.weight) for t in h}
+                        cur_shared, cur_loop = {}, {}
+                        for t in h:
+                            if shared:
+                                s[l, t] = gate(blk, x[t], s.get((l, t)), r)
+                                cur_shared[t] = kv_rows(blk, s[l, t], t)
+                            cur_loop[t] = kv_rows(blk, x[t], t)
+                            loop_rows[r, l, t] = cur_loop[t]
+                        new_h = {}
+                        for t in h:
+                            q = (x[t] @ blk.attn.q_proj.weight).view(nh, hs)
+                            q = torch.stack([rope(q[j], t) for j in range(nh)])
+                            rows = []
+                            for j in range(t + 1):
+                                lp = loop_rows[r, l, j]
+                                sp = (final[l, j] if j < c0 else cur_shared[j]) if shared else None
+                                if not shared or alpha == 0.0:
+                                    rows.append(lp)
+                                elif alpha == 1.0:
+                                    rows.append(sp)
+                                else:
+                                    rows.append((alpha * sp[0] + (1 - alpha) * lp[0],
+                                                 alpha * sp[1] + (1 - alpha) * lp[1]))
+                            K = torch.stack([kk for kk, _ in rows], 1)   # (nkv, t+1, hs)
+                            V = torch.stack([vv for _, vv in rows], 1)
+                            heads = []
+                            for j in range(nh):
+                                g = j // (nh // nkv)
+                                w = torch.softmax(K[g] @ q[j] / math.sqrt(hs), 0)
+                                heads.append(w @ V[g])
+                            a = torch.cat(heads) @ blk.attn.o_proj.weight
+                            hh = h[t] + rms(a, blk.attn_out_norm.weight)
+                            m_in = rms(hh, blk.mlp_in_norm.weight)
+                            gu = m_in @ blk.mlp.gate_up.weight
+                            gt, up = gu[:cfg.mlp_hidden], gu[cfg.mlp_hidden:]
+                            m = (gt * torch.sigmoid(gt) * up) @ blk.mlp.down_proj.weight
+                            new_h[t] = hh + rms(m, blk.mlp_out_norm.weight)
+                        h = new_h
+                    h = {t: rms(h[t], model.norm.weight) for t in h}
+                    for t in h:
+                        hidden[r, b, t] = h[t]
+                if shared:
+                    for l, blk in enumerate(model.blocks):
+                        for t in range(c0, c1):
+                            final[l, t] = kv_rows(blk, s[l, t], t)
+    return hidden
+
+
+def chunks(T, size, start=0):
+    return [(i, min(i + size, T)) for i in range(start, T, size)]
+
+
+def naive_logits(model, idx, bounds, **kw):
+    """Logits of the last loop (exit_threshold=1 picks it for these models)."""
+    return naive_forward(model, idx, bounds, **kw)[-1] @ model.lm_head.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Ouro parity
+
+def test_ouro_parity_with_reference_outputs():
+    """On the tiny Ouro checkpoint, our per-loop hidden states and logits, gate logits, default
+    logits, loss and greedy ids equal what the reference Ouro implementation produced (float32,
+    1e-4). The reference's `weighted_logits` were made with use_weighted_exit=True while the
+    config sets early_exit_threshold=1.0, and the reference checks the threshold first, so they
+    are the threshold-chosen logits; the p-weighted mixture itself is checked through the loss,
+    which the reference computes from it."""
+    ref = load_reference()
+    model = MELT.from_ouro(OURO_TINY).eval()
+    ids = ref["input_ids"]
+    with torch.no_grad():
+        out = model.run(ids)
+        step_logits = model.loop_logits(out)
+        logits, _ = model(ids)
+        targets = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -1)], dim=1)
+        _, loss = model(ids, targets)
+        greedy = model.generate(ref["greedy_prompt"], ref["greedy_ids"].shape[1] - ref["greedy_prompt"].shape[1],
+                                temperature=0)
+    torch.testing.assert_close(out.hidden, ref["step_hidden"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(step_logits, ref["step_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.gate_logits, ref["gate_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, ref["weighted_logits"], atol=1e-4, rtol=0)
+    assert abs(loss.item() - ref["loss"].item()) < 1e-4
+    assert torch.equal(greedy, ref["greedy_ids"])
+
+
+def test_ouro_expected_logits_loss_is_the_p_mixture():
+    """The default training loss is the cross-entropy of sum_t p_t * logits_t with Ouro's
+    p_t = lambda_t prod_{j<t}(1 - lambda_j), last loop taking the rest; computed here by hand."""
+    ref = load_reference()
+    model = MELT.from_ouro(OURO_TINY).eval()
+    ids = ref["input_ids"]
+    lam = torch.sigmoid(ref["gate_logits"].double())
+    p = torch.stack([lam[0], lam[1] * (1 - lam[0]), (1 - lam[0]) * (1 - lam[1])])
+    mixed = (p.unsqueeze(-1) * ref["step_logits"].double()).sum(0)
+    expect = F.cross_entropy(mixed[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -1)], dim=1)
+    with torch.no_grad():
+        _, loss = model(ids, targets)
+    assert abs(loss.item() - expect.item()) < 1e-4
+
+
+def test_ouro_tokenizer_reproduces_reference_ids():
+    """tokenizer.json of the fixture encodes reference.json's text to input_ids[0]."""
+    ref = load_reference()
+    text = json.load(open(os.path.join(OURO_TINY, "reference.json")))["text"]
+    tok = load_ouro_tokenizer(OURO_TINY)
+    assert tok.encode(text).ids == ref["input_ids"][0].tolist()
+
+
+def test_ouro_loads_in_shared_mode_and_bf16():
+    """from_ouro builds shared mode with gates at their documented init (z = sigmoid(bias)
+    everywhere) and converts dtype on request; at alpha=0 it still is the reference LoopLM."""
+    ref = load_reference()
+    model = MELT.from_ouro(OURO_TINY, cache="shared", gate="learned").eval()
+    g = model.blocks[0].gate
+    assert torch.count_nonzero(g.w_z.weight) == 0 and torch.all(g.b_z == model.config.gate_bias_init)
+    with torch.no_grad():
+        out = model.run(ref["input_ids"], alpha=0.0)
+    torch.testing.assert_close(model.loop_logits(out), ref["step_logits"], atol=1e-4, rtol=0)
+    m16 = MELT.from_ouro(OURO_TINY, torch_dtype="bfloat16")
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward against the naive definition
+
+@pytest.mark.parametrize("cache,gate,chunk,n_loops", [
+    ("loop", "learned", 4, 3), ("loop", "learned", 4, 1),
+    ("shared", "learned", 4, 3), ("shared", "learned", 1, 2), ("shared", "learned", 16, 3),
+    ("shared", "scalar", 3, 3), ("shared", "mean", 5, 4), ("shared", "ema", 4, 3),
+    ("shared", "last", 4, 3), ("shared", "first", 2, 3),
+])
+def test_forward_matches_naive_definition(cache, gate, chunk, n_loops):
+    """The batched, chunk-wise forward equals the token-by-token statement of the model, for
+    both layouts, every gate, several chunk sizes and loop counts (also more loops than trained)."""
+    model = tiny_model(cache=cache, gate=gate, chunk_size=chunk)
+    idx = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model.run(idx, n_loops=n_loops).hidden
+    expect = naive_forward(model, idx, chunks(11, chunk if cache == "shared" else 11), n_loops=n_loops)
+    torch.testing.assert_close(hidden, expect, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_interpolation_matches_naive_definition(alpha):
+    """Interpolated keys/values alpha*shared + (1-alpha)*loop, chunk-wise, as defined."""
+    model = tiny_model(cache="shared", gate="learned", chunk_size=3)
+    idx = torch.randint(0, 61, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = model.run(idx, alpha=alpha).hidden
+    expect = naive_forward(model, idx, chunks(8, 3), alpha=alpha)
+    torch.testing.assert_close(hidden, expect, atol=2e-5, rtol=1e-4)
+
+
+def test_alpha_endpoints_are_exactly_the_two_layouts():
+    """alpha=0 gives the LoopLM forward of the same weights; alpha=1 gives the shared forward."""
+    shared = tiny_model(cache="shared", gate="learned", chunk_size=3)
+    looped = MELT(MeltConfig(**{**shared.config.__dict__, "cache": "loop"})).eval()
+    looped.load_weights({k: v for k, v in shared.state_dict().items() if ".gate." not in k})
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(shared.run(idx, alpha=0.0).hidden, looped.run(idx).hidden, atol=1e-6, rtol=0)
+        assert torch.equal(shared.run(idx, alpha=1.0).hidden, shared.run(idx).hidden)
+        assert not torch.allclose(shared.run(idx, alpha=1.0).hidden, looped.run(idx).hidden, atol=1e-3)
+
+
+def test_gradients_flow_through_earlier_chunks():
+    """In shared mode a loss on the last chunk only reaches the embeddings of the first chunk's
+    tokens: earlier chunks' final rows are part of the graph, not detached."""
+    model = tiny_model(cache="shared", chunk_size=4).train()
+    idx = torch.tensor([[1, 2, 3, 4, 10, 11, 12, 13]])
+    targets = torch.tensor([[-1, -1, -1, -1, 5, 6, 7, 8]])
+    _, loss = model(idx, targets)
+    loss.backward()
+    grad = model.tok_emb.weight.grad
+    assert grad[1:5].abs().sum() > 0          # tokens 1..4 sit only in the first chunk
+    assert grad[20:30].abs().sum() == 0       # ids that do not occur
+
+
+# ---------------------------------------------------------------------------------------------
+# caches and generation
+
+@pytest.mark.parametrize("cache,gate,chunk,n_loop,batch", [
+    ("loop", "learned", 4, 1, 1), ("loop", "learned", 4, 3, 2), ("loop", "learned", 4, 4, 3),
+    ("shared", "learned", 1, 3, 2), ("shared", "learned", 3, 2, 1), ("shared", "mean", 4, 4, 2),
+    ("shared", "last", 2, 3, 3), ("shared", "first", 5, 3, 1), ("shared", "scalar", 3, 1, 2),
+])
+def test_cached_generation_equals_uncached(cache, gate, chunk, n_loop, batch):
+    """Greedy generation with the preallocated cache (prefill in chunks, then one token at a
+    time) produces the same tokens as recomputing from scratch with the naive definition, whose
+    chunks are the prompt's chunks followed by one chunk per generated token."""
+    model = tiny_model(cache=cache, gate=gate, chunk_size=chunk, n_loop=n_loop)
+    prompt = torch.randint(0, 61, (batch, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(prompt, 5, temperature=0)
+    seq = prompt
+    for _ in range(5):
+        T = seq.shape[1]
+        bounds = (chunks(7, chunk) if cache == "shared" else [(0, 7)]) + [(t, t + 1) for t in range(7, T)]
+        if cache == "loop":
+            bounds = [(0, T)]
+        nxt = naive_logits(model, seq, bounds)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_uncached_forward_equals_cached_generation_loop_mode():
+    """In loop mode chunking changes nothing, so generate() equals argmax of the plain forward
+    over the growing sequence."""
+    model = tiny_model(cache="loop", n_loop=2)
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(prompt, 6, temperature=0)
+        seq = prompt
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_shared_prefill_chunk1_equals_token_by_token():
+    """Shared mode: prefilling a prompt with chunk_size=1 leaves the same cache and last
+    logits as feeding its tokens one by one."""
+    model = tiny_model(cache="shared", chunk_size=1)
+    prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        c1 = model.new_cache(2, 16)
+        logits1, _ = model.step(prompt, c1)
+        c2 = model.new_cache(2, 16)
+        for t in range(9):
+            logits2, _ = model.step(prompt[:, t:t + 1], c2)
+    torch.testing.assert_close(logits1, logits2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c1.k[:, :, :, :, :9], c2.k[:, :, :, :, :9], atol=1e-5, rtol=1e-5)
+    assert c1.pos == c2.pos == 9
+
+
+def test_cache_bytes_shared_constant_in_loops():
+    """Shared-mode cache bytes are the same for n_loop 1, 2, 4, 8 and equal 2 (k and v) x layers
+    x batch x kv heads x length x head_dim x 4 bytes; loop mode holds n_loop times as much."""
+    sizes = {}
+    for n_loop in (1, 2, 4, 8):
+        shared = tiny_model(cache="shared", n_loop=n_loop).new_cache(3, 50).nbytes
+        looped = tiny_model(cache="loop", n_loop=n_loop).new_cache(3, 50).nbytes
+        assert looped == n_loop * shared
+        sizes[n_loop] = shared
+    assert len(set(sizes.values())) == 1
+    assert sizes[1] == 2 * 2 * 3 * 2 * 50 * 8 * 4   # 2 layers, batch 3, 2 kv heads, head_dim 8, fp32
+
+
+def test_sampling_is_pure_and_seeded():
+    """sample_next: temperature 0 is argmax; the same generator seed gives the same draw;
+    top_k=1 equals argmax whatever the temperature."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1, keepdim=True))
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(1))
+    b = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(sample_next(logits, 2.0, top_k=1), logits.argmax(-1, keepdim=True))
+
+
+def test_expected_loss_objective_by_hand():
+    """loss="expected_loss" is sum_t p_t CE_t - beta H(p), averaged over tokens."""
+    model = tiny_model(cache="loop", loss="expected_loss", entropy_weight=0.1)
+    idx = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(7))
+    tg = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = model.run(idx)
+        _, loss = model(idx, tg)
+        logits = model.loop_logits(out)
+    total = 0.0
+    for b in range(2):
+        for t in range(6):
+            p = out.exit_probs[:, b, t]
+            ce = [F.cross_entropy(logits[r, b, t][None], tg[b, t][None]).item() for r in range(3)]
+            total += sum(p[r].item() * ce[r] for r in range(3)) + 0.1 * (p * p.log()).sum().item()
+    assert abs(loss.item() - total / 12) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+def test_bad_ouro_directories(tmp_path):
+    """A missing directory, one without config.json, a non-Ouro config, a missing tensor and a
+    tensor of the wrong shape each give a MeltError naming the problem."""
+    with pytest.raises(MeltError, match="no Ouro checkpoint directory"):
+        MELT.from_ouro(str(tmp_path / "nope"))
+    with pytest.raises(MeltError, match="no config.json"):
+        MELT.from_ouro(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(MeltError, match="not an Ouro model"):
+        MELT.from_ouro(str(tmp_path))
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "ouro"
+    shutil.copytree(OURO_TINY, d)
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(MeltError, match="lacks tensors.*up_proj"):
+        MELT.from_ouro(str(d))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(175, 64)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(MeltError, match=r"up_proj.weight has shape \(175, 64\)"):
+        MELT.from_ouro(str(d))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(176, 64)
+    sd["model.extra.weight"] = torch.zeros(3)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(MeltError, match="cannot map Ouro tensors.*extra"):
+        MELT.from_ouro(str(d))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_embd=30, n_head=4), "does not divide"),
+    (dict(n_head=4, n_kv_head=3), "not a multiple"),
+    (dict(n_loop=0), "n_loop=0"),
+    (dict(chunk_size=0), "chunk_size=0"),
+    (dict(cache="paged"), "cache='paged'"),
+    (dict(gate="max"), "gate='max'"),
+    (dict(loss="mse"), "loss='mse'"),
+])
+def test_contradictory_configs(kw, msg):
+    """A config that contradicts itself is refused with a message naming the field."""
+    with pytest.raises(MeltError, match=msg):
+        MeltConfig(**kw)
+
+
+def test_bad_prompts():
+    """A prompt longer than the cache, an empty prompt and ids outside the vocabulary are
+    refused with clear messages."""
+    model = tiny_model(cache="shared")
+    with pytest.raises(MeltError, match="exceed the cache length"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), 5, cache=model.new_cache(1, 12))
+    with pytest.raises(MeltError, match="empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(MeltError, match=r"token ids must lie in \[0, 61\)"):
+        model(torch.tensor([[1, 61]]))
+    with pytest.raises(MeltError, match=r"token ids must lie"):
+        model.generate(torch.tensor([[-1, 3]]), 2)
+    with pytest.raises(MeltError, match="exceed block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
