@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 CACHE_LAYOUTS = ("loop", "shared")
 GATES = ("learned", "scalar", "mean", "ema", "last", "first")
@@ -45,7 +46,7 @@ class MeltConfig:
     n_loop: int = 4                  # times the stack runs per token; 1 is a standard transformer
     n_embd: int = 256                # model width
     n_head: int = 4                  # query heads
-    n_kv_head: int = 4               # key/value heads; fewer than n_head is grouped-query attention
+    n_kv_head: int = 0               # key/value heads; 0 means n_head; fewer is grouped-query attention
     head_dim: int = 0                # width of one head; 0 means n_embd // n_head
     mlp_hidden: int = 0              # SwiGLU inner width; 0 means round(2.75 * n_embd), Ouro's ratio
     rope_theta: float = 10000.0      # RoPE base (Ouro-1.4B uses 1e6)
@@ -64,6 +65,7 @@ class MeltConfig:
         if self.head_dim == 0 and self.n_head >= 1 and self.n_embd % self.n_head:
             raise MeltError(f"bad MeltConfig: n_head={self.n_head} does not divide n_embd={self.n_embd}")
         self.head_dim = self.head_dim or self.n_embd // max(self.n_head, 1)
+        self.n_kv_head = self.n_kv_head or self.n_head
         self.mlp_hidden = self.mlp_hidden or int(round(2.75 * self.n_embd))
         self.validate()
 
@@ -369,6 +371,7 @@ class MELT(nn.Module):
         self.exit_gate = nn.Linear(cfg.n_embd, 1, bias=True)       # lambda_t = sigmoid(exit_gate(h_t))
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size)          # untied from tok_emb
         self._init_rope()
+        self.checkpoint_mlp = False   # training memory: recompute each layer's MLP in backward
         self.apply(self._init_weights)
         for block in self.blocks:
             if block.gate is not None:
@@ -435,8 +438,15 @@ class MELT(nn.Module):
             s = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
         a = self._attend(l, r, block, x, s, store, ctx)
         h = h + block.attn_out_norm(a)
-        h = h + block.mlp_out_norm(block.mlp(block.mlp_in_norm(h)))
-        return h, s, a
+        if self.checkpoint_mlp and torch.is_grad_enabled():
+            # recompute the MLP half in backward instead of storing its activations (the widest
+            # ones); the attention half reads the KV store, so it is not recomputed
+            return h + torch.utils.checkpoint.checkpoint(self._mlp_half, block, h, use_reentrant=False), s, a
+        return h + self._mlp_half(block, h), s, a
+
+    @staticmethod
+    def _mlp_half(block, h):
+        return block.mlp_out_norm(block.mlp(block.mlp_in_norm(h)))
 
     # ---- the loop, chunk by chunk -----------------------------------------------------------
 

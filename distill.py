@@ -1,0 +1,180 @@
+"""
+MELT's phase 2: attention-aligned distillation from a frozen looped teacher.
+
+    python distill.py config/cpu_distill.py
+    python distill.py --teacher=/path/to/Ouro-1.4B-Thinking --init_from=teacher --dataset=shakespeare_ouro
+
+The loss, per micro-batch (MELT paper, Sec. 4):
+    L = kd_weight * L_KD + beta * mean_{l,t} ||o_student(l,t) - sg(o_teacher(l,t))||^2 + lm_weight * L_LM
+o(l,t) is the attention output (after o_proj) of layer l at loop t, for every token; ||.||^2 sums
+over the width and is averaged over tokens. L_KD is KL(teacher || student) at kd_temperature,
+averaged over all loops (kd_loops="all") or on the last loop only (kd_loops="last", the ablation).
+beta=0 is the ablation without attention alignment.
+
+Teacher: an Ouro directory or a LoopLM checkpoint of this project, frozen, in loop mode over the
+whole sequence at once (bf16 on GPU). Student: a phase-1 checkpoint (init_from=PATH), the teacher
+itself converted to shared mode (init_from=teacher), or init_from=resume. Config, data,
+checkpoints, logging, DDP and the loop are train.py's.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import train as T
+from melt import MELT
+
+
+@dataclass
+class DistillConfig(T.TrainConfig):
+    out_dir: str = "out-distill"
+    init_from: str = "teacher"           # a phase-1 checkpoint, "teacher" (convert the teacher), or "resume"
+    teacher: str = ""                    # an Ouro directory or a LoopLM checkpoint .pt of this project
+    beta: float = 0.1                    # weight of the attention alignment (the paper: 0.1; 0 = ablation)
+    kd_weight: float = 1.0               # weight of the KD term
+    kd_loops: str = "all"                # "all": KD on every loop's logits (the paper); "last": last loop only
+    lm_weight: float = 0.0               # optional LM cross-entropy on the data
+    checkpoint_mlp: bool = False         # activation checkpointing of each layer's MLP half
+    max_iters: int = 300
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 20
+    eval_interval: int = 50
+
+
+def load_teacher(path, device, dtype):
+    """The frozen looped teacher."""
+    if not path:
+        raise T.ConfigError("say which teacher: --teacher=OURO_DIR or --teacher=looplm/ckpt.pt")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise T.ConfigError(f"teacher directory {path!r} has no config.json (not an Ouro checkpoint)")
+        teacher = MELT.from_ouro(path, dtype=torch.float32, cache="loop")
+    elif os.path.exists(path):
+        ckpt = T.load_checkpoint(path)
+        if ckpt["model_config"].get("cache") != "loop":
+            raise T.ConfigError(f"teacher {path!r} is a shared-cache (MELT) model; the teacher must be a LoopLM")
+        teacher = T.model_from_checkpoint(ckpt)
+    else:
+        raise T.ConfigError(f"teacher {path!r} does not exist")
+    teacher.to(device)
+    if device.type == "cuda":
+        teacher.to(torch.bfloat16)
+    return teacher.eval().requires_grad_(False)
+
+
+def check_pair(student, teacher):
+    s, t = student.config, teacher.config
+    if s.cache != "shared":
+        raise T.ConfigError("the student is in loop mode: phase 2 distills into MELT (cache=shared)")
+    for k in ("vocab_size", "n_layer", "n_loop", "n_embd", "n_head", "head_dim"):
+        if getattr(s, k) != getattr(t, k):
+            raise T.ConfigError(f"student and teacher differ in {k} ({getattr(s, k)} vs {getattr(t, k)}): "
+                                f"they must share the vocabulary and the layer/loop shapes")
+
+
+def build_distill(cfg, model_keys, rt):
+    """(student, optimizer, start step, best val, teacher, data dir, meta)."""
+    if cfg.beta < 0:
+        raise T.ConfigError(f"beta={cfg.beta} must be >= 0")
+    if cfg.kd_loops not in ("all", "last"):
+        raise T.ConfigError(f"kd_loops={cfg.kd_loops!r}: use all or last")
+    data_dir = T.ensure_dataset(cfg.dataset)
+    meta = T.load_meta(data_dir)
+    teacher = load_teacher(cfg.teacher, rt.device, rt.dtype)
+    if os.path.isdir(cfg.teacher) and meta.get("tokenizer") != "hf":
+        raise T.ConfigError(f"dataset {cfg.dataset!r} was not tokenized with the teacher's tokenizer.json: "
+                            f"prepare it with data/prepare.py --tokenizer={cfg.teacher}")
+    torch.manual_seed(cfg.seed)
+    step, best = 0, float("inf")
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise T.ConfigError(f"init_from=resume but {path} does not exist")
+        ckpt = T.load_checkpoint(path)
+        student = T.model_from_checkpoint(ckpt, **model_keys)
+        step, best = ckpt["step"], ckpt["best_val_loss"]
+    elif cfg.init_from == "teacher":
+        if os.path.isdir(cfg.teacher):
+            student = MELT.from_ouro(cfg.teacher, dtype=torch.float32, **{"cache": "shared", **model_keys})
+        else:
+            student = T.model_from_checkpoint(T.load_checkpoint(cfg.teacher), **{"cache": "shared", **model_keys})
+    else:
+        student = T.model_from_checkpoint(T.load_checkpoint(cfg.init_from), **model_keys)
+    check_pair(student, teacher)
+    T.check_model_against_data(student.config, meta, cfg.dataset)
+    student.checkpoint_mlp = cfg.checkpoint_mlp
+    student.to(rt.device)
+    optimizer = T.make_optimizer(student, cfg, rt.device.type)
+    if cfg.init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+    return student, optimizer, step, best, teacher, data_dir, meta
+
+
+class DistillObjective(torch.nn.Module):
+    """The phase-2 loss of one micro-batch; the teacher's outputs come in precomputed."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self._teacher_val = None
+
+    @torch.no_grad()
+    def teacher_outputs(self, teacher, x):
+        """Per-loop logits (R, B, T, V) and attention outputs (R, L, B, T, C) of the teacher,
+        computed once per micro-batch; freed when the step drops them."""
+        out = teacher.run(x, collect_attn=True)
+        logits = teacher.loop_logits(out) if self.cfg.kd_loops == "all" else teacher.lm_head(out.hidden[-1:])
+        attn = torch.stack([torch.stack(a) for a in out.attn])
+        return {"logits": logits, "attn": attn}
+
+    def forward(self, x, y, alpha, t):
+        m, cfg = self.model, self.cfg
+        out = m.run(x, alpha=alpha, collect_attn=True)
+        s_logits = m.loop_logits(out) if cfg.kd_loops == "all" else m.lm_head(out.hidden[-1:])
+        kd = torch.stack([T.kd_loss(s_logits[r], t["logits"][r], cfg.kd_temperature)
+                          for r in range(s_logits.shape[0])]).mean()
+        s_attn = torch.stack([torch.stack(a) for a in out.attn])                    # (R, L, B, T, C)
+        align = (s_attn.float() - t["attn"].float()).pow(2).sum(-1).mean()
+        loss = cfg.kd_weight * kd + cfg.beta * align
+        parts = {"kd": kd.detach(), "align": align.detach()}
+        if cfg.lm_weight:
+            lm = m.loss(out, y)
+            loss = loss + cfg.lm_weight * lm
+            parts["lm"] = lm.detach()
+        return loss, parts
+
+    @torch.no_grad()
+    def eval_extra(self, teacher, batches, rt, alpha):
+        """The two terms on validation batches, and the teacher's validation loss (fixed data,
+        so computed once) beside the student's, to see the gap close."""
+        self.model.eval()
+        kd, align, t_loss = [], [], []
+        for i in range(self.cfg.eval_iters):
+            x, y = batches.get("val", 10_000_000 + i, 0, rt.device)
+            with rt.autocast:
+                t_out = self.teacher_outputs(teacher, x)
+                _, parts = self.forward(x, y, alpha, t_out)
+                if self._teacher_val is None:
+                    t_loss.append(teacher(x, y)[1].item())
+            kd.append(parts["kd"].item())
+            align.append(parts["align"].item())
+        if self._teacher_val is None:
+            self._teacher_val = rt.all_mean(sum(t_loss) / len(t_loss))
+        self.model.train()
+        return {"val_kd": rt.all_mean(sum(kd) / len(kd)), "val_align": rt.all_mean(sum(align) / len(align)),
+                "teacher_val_loss": self._teacher_val}
+
+
+def main(argv):
+    cfg, model_keys = T.parse_args(argv, train_cls=DistillConfig)
+    student, rec, _ = T.train(cfg, model_keys, objective_cls=DistillObjective, build_fn=build_distill)
+    print(f"final: student val loss {rec['val_loss']:.4f}, teacher val loss {rec['teacher_val_loss']:.4f}, "
+          f"val KD {rec['val_kd']:.4f}, val alignment {rec['val_align']:.4f}; "
+          f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+
+
+if __name__ == "__main__":
+    T.run_cli(main, "distill.py")
