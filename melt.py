@@ -101,7 +101,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        x32 = x.float()
+        # sum(x^2) / C rather than mean(): the same number, and on CPU the one-token case is
+        # several times faster (F.rms_norm and mean() take ~40 us each for 256 numbers in torch 2.13)
+        inv_rms = torch.rsqrt((x32 * x32).sum(-1, keepdim=True) * (1.0 / x.shape[-1]) + self.eps)
+        return self.weight * (x32 * inv_rms).to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -119,18 +123,21 @@ class Linear(nn.Module):
 
 
 def rope_tables(head_dim, max_len, theta):
-    """cos, sin of shape (max_len, head_dim) in float32, split-half (NeoX) layout."""
+    """cos, signed sin of shape (max_len, head_dim) in float32 for split-half (NeoX) RoPE, where
+    dimension i pairs with i + hs/2. The sin table's first half is negated (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)                                     # (T, hs)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, :head_dim // 2] *= -1
+    return emb.cos(), sin
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hs) by position; cos/sin are (T, hs). Split-half: pairs (i, i + hs/2)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x, cos, sin_signed):
+    """Rotate x (B, nh, T, hs) by position; tables (T, hs). The usual form is
+    x * cos + cat(-x2, x1) * sin with x = (x1, x2); cat(x2, x1) is roll(x, hs/2) and the sign
+    lives in the table, which saves three ops per call on the decode path."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -252,6 +259,9 @@ class KVCache:
         self.layout, self.batch_size, self.max_len = layout, batch_size, max_len
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # views of each (slot, layer) block, made once: indexing them is the decode hot path
+        self._k = [list(self.k[i].unbind(0)) for i in range(n_slots)]   # [slot][layer] (B, nkv, max_len, hs)
+        self._v = [list(self.v[i].unbind(0)) for i in range(n_slots)]
         self.pos = 0
 
     @property
@@ -262,9 +272,10 @@ class KVCache:
         """Write the chunk's rows k, v (B, nkv, c, hs) at the current position and return all
         rows of (slot, layer) up to the chunk's end, as views (no copy)."""
         end = self.pos + k.shape[2]
-        self.k[slot, layer, :, :, self.pos:end] = k
-        self.v[slot, layer, :, :, self.pos:end] = v
-        return self.k[slot, layer, :, :, :end], self.v[slot, layer, :, :, :end]
+        kc, vc = self._k[slot][layer], self._v[slot][layer]
+        kc[:, :, self.pos:end] = k
+        vc[:, :, self.pos:end] = v
+        return kc[:, :, :end], vc[:, :, :end]
 
     def end_chunk(self, n_tokens):
         self.pos += n_tokens
@@ -424,9 +435,14 @@ class MELT(nn.Module):
             k_shr, v_shr = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
             k = alpha * k_shr + (1.0 - alpha) * k_loop
             v = alpha * v_shr + (1.0 - alpha) * v_loop
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
-                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
-        y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)               # (B, c, nh*hs)
+        if c == 1:   # one new token: plain matmuls beat SDPA's CPU kernel (63 vs ~15 us here)
+            qg = q.view(B, cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim)    # (B, nkv, rep, hs)
+            w = torch.softmax((qg @ k.transpose(-1, -2)) * cfg.head_dim ** -0.5, dim=-1, dtype=torch.float32)
+            y = (w.to(v.dtype) @ v).view(B, 1, cfg.n_head * cfg.head_dim)              # (B, 1, nh*hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
+                                               enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
+            y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)           # (B, c, nh*hs)
         return block.attn.o_proj(y)
 
     def _layer(self, l, r, h, s, store, ctx):

@@ -706,3 +706,89 @@ def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
     run_train(tiny_data, tmp_path / "other", "--max_iters=1", "--cache=shared")
     with pytest.raises(trainer.ConfigError, match="differ in vocab_size"):
         run_distill(ouro_data, tmp_path, f"--init_from={tmp_path / 'other' / 'ckpt.pt'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive depth and sample.py
+
+def copy_cache(c):
+    import copy
+    dup = copy.copy(c)
+    dup.k, dup.v = c.k.clone(), c.v.clone()
+    dup._k = [list(dup.k[i].unbind(0)) for i in range(dup.k.shape[0])]
+    dup._v = [list(dup.v[i].unbind(0)) for i in range(dup.v.shape[0])]
+    return dup
+
+
+def test_adaptive_exit_threshold_one_is_fixed_depth():
+    """exit_threshold=1.0 runs every loop for every token: same tokens as the fixed-depth
+    default, and loops used = n_loop."""
+    model = tiny_model(cache="shared", n_loop=3)
+    prompt = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(9))
+    fixed = model.generate(prompt, 8, temperature=0)
+    steps = list(model.generate_stream(prompt, 8, temperature=0, exit_threshold=1.0))
+    assert torch.equal(torch.cat([prompt, *[t for t, _ in steps]], 1), fixed)
+    assert all(int(u) == 3 for _, u in steps)
+
+
+def test_adaptive_exit_saves_loops_at_constant_cache():
+    """With exit_threshold=0.4 tokens stop early (fewer loops used on average), the cache is the
+    same object of the same size, and each decode step equals running that step with exactly
+    the loops it used: an exited token's cache row is its latest row, nothing is missing."""
+    model = tiny_model(cache="shared", n_loop=3)
+    prompt = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(9))
+    cache = model.new_cache(1, 20)
+    nbytes = cache.nbytes
+    with torch.no_grad():
+        logits, used = model.step(prompt, cache, exit_threshold=0.4)
+        loops = []
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(8):
+            before = copy_cache(cache)
+            logits, used = model.step(tok, cache, exit_threshold=0.4)
+            e = int(used[0, -1])
+            loops.append(e)
+            check_logits, _ = model.step(tok, before, n_loops=e, exit_threshold=1.0)
+            torch.testing.assert_close(logits, check_logits, atol=1e-6, rtol=0)
+            torch.testing.assert_close(cache.k[:, :, :, :, :cache.pos], before.k[:, :, :, :, :before.pos])
+            tok = logits.argmax(-1, keepdim=True)
+    assert cache.nbytes == nbytes
+    assert sum(loops) / len(loops) < 3
+
+
+SAMPLE = os.path.join(HERE, "sample.py")
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, SAMPLE, *args], capture_output=True, text=True)
+
+
+def test_sample_on_ouro_fixture_reports_real_cache_bytes():
+    """sample.py runs on the tiny Ouro directory with its tokenizer (greedy), and the stats line
+    reports the bytes of the cache that new_cache allocates for prompt + new tokens."""
+    res = run_sample(f"--init_from={OURO_TINY}", "--start=First Citizen:", "--max_new_tokens=12",
+                     "--temperature=0", "--device=cpu")
+    assert res.returncode == 0, res.stderr
+    tok = load_ouro_tokenizer(OURO_TINY)
+    n_prompt = len(tok.encode("First Citizen:").ids)
+    expect = MELT.from_ouro(OURO_TINY).new_cache(1, n_prompt + 12).nbytes
+    stats = res.stdout.strip().splitlines()[-1]
+    assert stats.startswith("stats:") and f"KV cache {expect:,} bytes (loop)" in stats
+    assert "mean loops per token 3.00 of 3" in stats
+    shared = run_sample(f"--init_from={OURO_TINY}", "--start=First Citizen:", "--max_new_tokens=12",
+                        "--cache=shared", "--gate=last", "--device=cpu")
+    assert f"KV cache {expect // 3:,} bytes (shared)" in shared.stdout
+
+
+def test_sample_bad_inputs(tmp_path):
+    """Prompt longer than the context, empty prompt, top_k < 1, negative temperature,
+    exit_threshold outside (0, 1] and a file that is not a checkpoint each give one error line."""
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"junk")
+    cases = [(["--start=" + "a" * 300], "exceed the model's context"), (["--start="], "empty prompt"),
+             (["--top_k=0"], "top_k=0 must be >= 1"), (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
+             (["--exit_threshold=1.5"], "exit_threshold=1.5 not in"), ([f"--init_from={bad}"], "not a readable")]
+    for args, msg in cases:
+        res = run_sample(f"--init_from={OURO_TINY}", "--device=cpu", *args) if "--init_from" not in args[0] \
+            else run_sample("--device=cpu", *args)
+        assert res.returncode == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)

@@ -538,7 +538,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         if step % cfg.eval_interval == 0:
             do_eval(step)
             if step > 0 and rt.master:
-                save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best)
+                save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best, dict(data_meta=meta))
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -576,7 +576,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         bar.update(1)
     rec = do_eval(step)
     if rt.master:
-        save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best)
+        save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best, dict(data_meta=meta))
     bar.close()
     rt.close()
     return raw, rec, meta

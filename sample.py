@@ -1,0 +1,149 @@
+"""
+Sample from a checkpoint of this project or an Ouro directory.
+
+    python sample.py --init_from=out/ckpt.pt --start="ROMEO:" --num_samples=2
+    python sample.py --init_from=out/ckpt.pt --cache=shared --gate=last        # zero-shot shared cache
+    python sample.py --init_from=out/ckpt.pt --exit_threshold=0.9              # adaptive depth
+    python sample.py --init_from=/path/to/Ouro-1.4B-Thinking --chat=True --start="What is 7*8?"
+    python sample.py --start=FILE:prompt.txt
+
+--cache, --gate, --chunk_size and --exit_threshold override the model's config (so one LoopLM
+checkpoint can be sampled with its own per-loop cache or a shared one); --n_loops changes the
+depth. The last line printed is the run's statistics.
+"""
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import train as T
+from melt import MELT, MeltError, load_ouro_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "out/ckpt.pt"   # a checkpoint of this project or an Ouro directory
+    start: str = "\n"                # the prompt, or FILE:path to read it from a file
+    num_samples: int = 1             # samples, one after another
+    max_new_tokens: int = 300        # tokens generated per sample
+    temperature: float = 0.8         # 0 is greedy
+    top_k: int = 200                 # sample among the k likeliest tokens (>= 1)
+    seed: int = 1337
+    n_loops: int = 0                 # loops per token; 0 means the model's n_loop
+    chat: bool = False               # Ouro: wrap the prompt in its chat template, stop at <|im_end|>
+    stream: bool = True              # print tokens as they come
+    device: str = "auto"             # "auto", "cpu", "cuda", ...
+    dtype: str = "auto"              # "auto": bfloat16 on GPU, float32 on CPU
+    compile: bool = False            # torch.compile the one-token decode step
+    threads: int = 0                 # CPU threads; 0 leaves torch's default
+
+
+def load_model_and_tokenizer(path, overrides):
+    """(model, encode, decode, stop token ids) for a checkpoint .pt or an Ouro directory."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise T.ConfigError(f"{path!r} is a directory without config.json: not an Ouro checkpoint")
+        model = MELT.from_ouro(path, **{"cache": "loop", **overrides})
+        tok = load_ouro_tokenizer(path)
+        stop = [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None]
+        return (model, lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
+                stop, tok)
+    ckpt = T.load_checkpoint(path)
+    model = T.model_from_checkpoint(ckpt, **overrides)
+    meta = ckpt.get("data_meta")
+    if meta is None:
+        raise T.ConfigError(f"{path!r} holds no tokenizer description (data_meta); retrain with this train.py")
+    tok = T.load_tokenizer(meta)
+    stop = [50256] if meta["tokenizer"] == "gpt2" else []
+    return model, tok.encode, tok.decode, stop, None
+
+
+def main(argv):
+    cfg, overrides = T.parse_args(argv, train_cls=SampleConfig)
+    if cfg.temperature < 0:
+        raise T.ConfigError(f"temperature={cfg.temperature} must be >= 0")
+    if cfg.top_k < 1:
+        raise T.ConfigError(f"top_k={cfg.top_k} must be >= 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    model, encode, decode, stop, hf_tok = load_model_and_tokenizer(cfg.init_from, overrides)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model.to(device=device, dtype=dtype).eval()
+    mc = model.config
+
+    prompt = cfg.start
+    if prompt.startswith("FILE:"):
+        with open(prompt[5:], encoding="utf-8") as f:
+            prompt = f.read()
+    if cfg.chat:
+        if hf_tok is None or hf_tok.token_to_id("<|im_end|>") is None:
+            raise T.ConfigError("chat=True needs an Ouro directory whose tokenizer has <|im_start|>/<|im_end|>")
+        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        stop = [hf_tok.token_to_id("<|im_end|>")]
+    ids = encode(prompt)
+    if not ids:
+        raise T.ConfigError("empty prompt: give --start=TEXT or --start=FILE:path")
+    if len(ids) + cfg.max_new_tokens > mc.block_size:
+        raise T.ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed the "
+                            f"model's context of {mc.block_size} tokens")
+    n_loops = cfg.n_loops or None
+    if mc.cache == "loop" and mc.exit_threshold < 1.0:
+        print(f"note: with cache=loop every loop still runs (later tokens need every loop's row); "
+              f"exit_threshold only picks which loop's logits are used", file=sys.stderr)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    decode_step = torch.compile(model.step, dynamic=True) if cfg.compile else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    stats = dict(prefill_s=0.0, decode_s=0.0, decoded=0, prompt=0, loops=[], cache_bytes=0)
+    for _ in range(cfg.num_samples):
+        cache = model.new_cache(1, len(ids) + cfg.max_new_tokens, n_loops=n_loops)
+        stats["cache_bytes"] = cache.nbytes
+        out = []
+        t0 = time.perf_counter()
+        stream = model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cache=cache,
+                                       generator=gen, n_loops=n_loops, decode_step=decode_step)
+        printed = 0
+        if cfg.stream:
+            print(prompt, end="", flush=True)
+        for i, (nxt, used) in enumerate(stream):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if i == 0:
+                stats["prefill_s"] += now - t0
+                stats["prompt"] += len(ids)
+            else:
+                stats["decode_s"] += now - t0
+                stats["decoded"] += 1
+            t0 = now
+            stats["loops"].append(used.float().mean().item())
+            token = nxt[0, 0].item()
+            if token in stop:
+                break
+            out.append(token)
+            if cfg.stream:
+                text = decode(out)
+                print(text[printed:], end="", flush=True)
+                printed = len(text)
+        if not cfg.stream:
+            print(prompt + decode(out))
+        print("\n" + "-" * 40)
+    if device.type == "cuda":
+        peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB"
+    else:
+        peak = f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.1f} MiB"
+    print(f"stats: prefill {stats['prompt'] / max(stats['prefill_s'], 1e-9):,.1f} tok/s, "
+          f"decode {stats['decoded'] / max(stats['decode_s'], 1e-9):,.1f} tok/s, "
+          f"KV cache {stats['cache_bytes']:,} bytes ({mc.cache}), {peak}, "
+          f"mean loops per token {sum(stats['loops']) / max(1, len(stats['loops'])):.2f} of {n_loops or mc.n_loop}")
+
+
+if __name__ == "__main__":
+    T.run_cli(main, "sample.py")
