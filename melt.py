@@ -13,7 +13,7 @@ A looped language model applies one stack of n_layer decoder layers n_loop times
                   inference earlier tokens are already final.
 
 Where things live (search for the tags):
-    THE LOOP          MELT._run_chunk: `for r in range(n_loops)` over `for block in self.blocks`
+    THE LOOP          MELT._run_chunk: `for r in range(n_loops)` around `for l in range(n_layer)`
     THE GATE          LatentGate.forward: z and the update of s
     THE CACHE LAYOUTS KVCache (preallocated, inference) and _History (autograd, training);
                       MELT._attend chooses which rows a layer reads at a loop

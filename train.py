@@ -43,7 +43,7 @@ class TrainConfig:
     dataset: str = "shakespeare_char"    # a folder under data/ (built-ins are prepared when missing)
     batch_size: int = 16                 # sequences per micro-batch (per process)
     grad_accum: int = 1                  # micro-batches per optimizer step (per process)
-    max_iters: int = 1500                # optimizer steps
+    max_iters: int = 1000                # optimizer steps
     lr: float = 2e-3                     # peak learning rate of the base weights
     min_lr: float = 2e-4                 # floor of the cosine schedule
     warmup_iters: int = 100              # linear warmup steps
@@ -60,7 +60,7 @@ class TrainConfig:
     eval_iters: int = 20                 # batches per eval split
     task_eval_n: int = 200               # reasoning dataset: problems per exact-match accuracy eval
     log_interval: int = 10               # steps between progress-bar updates
-    sample_tokens: int = 300             # tokens sampled at the end (0: none)
+    sample_tokens: int = 300             # tokens sampled at the end, at most the context (0: none)
     seed: int = 1337                     # fixes the init and the data order
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                  # "auto": bfloat16 on GPUs that have it, else float16 (GradScaler); float32 on CPU
@@ -401,6 +401,7 @@ def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_thresh
 
 def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):
     ids = torch.tensor([tok.encode(prompt)], device=device)
+    n_tokens = min(n_tokens, model.config.block_size - ids.shape[1])   # the model's context
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(ids, n_tokens, temperature=0.8, top_k=40, generator=g)
     return tok.decode(out[0].tolist())

@@ -1,0 +1,81 @@
+"""
+Score a checkpoint the way it will be used: one JSON line with validation loss, task accuracy
+(reasoning data), KV-cache bytes per token, decode tokens/s and mean loops used.
+
+    python bench/evaluate.py out-cpu/looplm/ckpt.pt
+    python bench/evaluate.py out-cpu/looplm/ckpt.pt --cache=shared --gate=last     # zero-shot sharing
+    python bench/evaluate.py out-cpu/melt/ckpt.pt --n_loops=6 --exit_threshold=0.9
+    ... --label=NAME --log=results.jsonl   (append the line to a file, with a label)
+
+A shared-cache model is scored at inference semantics: chunk_size=1, so every earlier token is
+already final, exactly as when decoding (train-time chunks would let a token see its chunk
+neighbours' unfinished rows). The data are the first `--batches` fixed validation batches, the
+same for every model.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train as T  # noqa: E402
+
+
+def main(argv):
+    opts = {a[2:].split("=", 1)[0]: a[2:].split("=", 1)[1] for a in argv if a.startswith("--")}
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) != 1:
+        raise T.ConfigError("give one checkpoint path")
+    label, log = opts.pop("label", paths[0]), opts.pop("log", None)
+    n_loops = int(opts.pop("n_loops", 0)) or None
+    batches_n = int(opts.pop("batches", 10))
+    threshold = float(opts.pop("exit_threshold", 1.0))
+    _, overrides = T.parse_args([f"--{k}={v}" for k, v in opts.items()])
+    ckpt = T.load_checkpoint(paths[0])
+    model = T.model_from_checkpoint(ckpt, **overrides)
+    if model.config.cache == "shared":
+        model = T.model_from_checkpoint(ckpt, **{**overrides, "chunk_size": 1})
+    model.eval()
+    torch.set_num_threads(2)
+    tcfg = ckpt["train_config"]
+    data_dir = T.ensure_dataset(tcfg["dataset"])
+    meta = T.load_meta(data_dir)
+    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=tcfg.get("seed", 1337))
+    losses = []
+    with torch.no_grad():
+        for i in range(batches_n):
+            x, y = batches.get("val", 10_000_000 + i, 0, torch.device("cpu"))
+            out = model.run(x, n_loops=n_loops, exit_threshold=threshold)
+            logits = model.lm_head(out.selected)
+            losses.append(torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1)).item())
+        rec = dict(label=label, val_loss=sum(losses) / len(losses), cache=model.config.cache,
+                   gate=model.config.gate if model.config.cache == "shared" else None,
+                   n_loops=n_loops or model.config.n_loop, exit_threshold=threshold)
+        if meta.get("task"):
+            problems = T.task_problems(data_dir, meta, 200)
+            rec["task_acc"] = T.task_accuracy(model, problems, torch.device("cpu"), n_loops=n_loops,
+                                              exit_threshold=threshold)
+        cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
+        rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
+        prompt = torch.tensor([T.load_tokenizer(meta).encode("\n")] * 1)[:, :1].repeat(1, 32)
+        stream = model.generate_stream(prompt, 64, temperature=0, cache=cache, n_loops=n_loops,
+                                       exit_threshold=threshold)
+        next(stream)
+        t, used = time.perf_counter(), []
+        for _, u in stream:
+            used.append(float(u.float().mean()))
+        rec["decode_tok_s"] = len(used) / (time.perf_counter() - t)
+        rec["mean_loops_decode"] = sum(used) / len(used)
+    line = json.dumps(rec)
+    print(line)
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    T.run_cli(main, "evaluate.py")

@@ -1,0 +1,64 @@
+"""
+Turn a reproduction's results (bench/reproduce.sh) into the README's table and loss curves.
+
+    python bench/report.py out-cpu        # prints markdown, writes out-cpu/report.md (+ curves PNG)
+"""
+
+import json
+import os
+import platform
+import sys
+
+
+def main(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    times = {}
+    if os.path.exists(os.path.join(out, "times.tsv")):
+        for line in open(os.path.join(out, "times.tsv")):
+            name, sec = line.split("\t")
+            times[name] = int(sec)
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}).", "",
+             "| run | val loss | task acc | KV bytes/token | decode tok/s | loops (decode) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['task_acc']:.3f}" if "task_acc" in r else "-"
+        lines.append(f"| {r['label']} | {r['val_loss']:.4f} | {acc} | {r['kv_bytes_per_token']:,} | "
+                     f"{r['decode_tok_s']:.0f} | {r['mean_loops_decode']:.2f} |")
+    lines += ["", "| training run | wall time |", "|---|---|"]
+    lines += [f"| {k} | {v // 60} min {v % 60} s |" for k, v in times.items()]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no loss-curve plot; pip install matplotlib)")
+        return
+    for data in ("shakespeare_char", "reasoning"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        offset = 0
+        for name in ("looplm", "phase1", "phase2"):
+            path = os.path.join(out, data, name, "log.jsonl")
+            if not os.path.exists(path):
+                continue
+            log = [json.loads(line) for line in open(path)]
+            ax.plot([offset + r["step"] for r in log], [r["val_loss"] for r in log], marker="o",
+                    label={"looplm": "LoopLM teacher", "phase1": "MELT phase 1 (transition)",
+                           "phase2": "MELT phase 2 (distillation)"}[name])
+            if name == "phase2" and "teacher_val_loss" in log[0]:
+                ax.axhline(log[0]["teacher_val_loss"], color="gray", ls="--", lw=1, label="teacher (LoopLM) val")
+            offset += log[-1]["step"]
+        ax.set(xlabel="step (phases back to back)", ylabel="val loss (train-time eval)", title=data)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        png = os.path.join(out, f"curves_{data}.png")
+        fig.savefig(png, dpi=110)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out-cpu")

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The MELT paper in miniature: every run and every evaluation behind the README's results table.
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about an hour
+#   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
+# Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
+# line per evaluation) and $OUT/times.tsv (wall seconds per run); bench/report.py turns them
+# into the README table and the loss-curve plot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=${GPU:+gpu}; P=${P:-cpu}
+OUT=${OUT:-out-$P}
+R=$OUT/results.jsonl
+mkdir -p "$OUT"
+
+run() {  # run NAME SCRIPT ARGS...: train once, record its wall time
+  local name=$1 script=$2; shift 2
+  if [ -f "$OUT/$name/.done" ]; then echo "== $name: done already"; return; fi
+  echo "== $name: python $script $*"
+  local t0=$(date +%s)
+  python "$script" "$@" --out_dir="$OUT/$name"
+  echo -e "$name\t$(( $(date +%s) - t0 ))" >> "$OUT/times.tsv"
+  touch "$OUT/$name/.done"
+}
+ev() {   # ev LABEL CKPT ARGS...: one evaluation line
+  local label=$1 ckpt=$2; shift 2
+  grep -q "\"label\": \"$label\"" "$R" 2>/dev/null && return
+  python bench/evaluate.py "$ckpt" --label="$label" --log="$R" "$@"
+}
+
+for DATA in shakespeare_char reasoning; do
+  D=$OUT/$DATA; d=$DATA
+  # 1-2: standard transformer and LoopLM teacher, same data order and token budget
+  run "$d/standard" train.py config/${P}_standard.py --dataset=$DATA
+  run "$d/looplm" train.py config/${P}_looplm.py --dataset=$DATA
+  # 4: MELT, phase 1 (interpolated transition) then phase 2 (attention-aligned distillation)
+  run "$d/phase1" train.py config/${P}_transition.py --dataset=$DATA --init_from=$D/looplm/ckpt.pt
+  run "$d/phase2" distill.py config/${P}_distill.py --dataset=$DATA --teacher=$D/looplm/ckpt.pt \
+      --init_from=$D/phase1/ckpt.pt
+  ev "$d standard" $D/standard/ckpt.pt
+  ev "$d LoopLM" $D/looplm/ckpt.pt
+  # 3: zero-shot shared caches on the teacher (no training)
+  for g in last mean first; do ev "$d zero-shot gate=$g" $D/looplm/ckpt.pt --cache=shared --gate=$g; done
+  ev "$d MELT phase 1" $D/phase1/ckpt.pt
+  ev "$d MELT phase 1+2" $D/phase2/ckpt.pt
+  # 6: depth at inference, and adaptive exit
+  for n in 1 2 3 4 5 6 8; do
+    ev "$d LoopLM n_loops=$n" $D/looplm/ckpt.pt --n_loops=$n
+    ev "$d MELT n_loops=$n" $D/phase2/ckpt.pt --n_loops=$n
+  done
+  for q in 0.5 0.8 0.9; do ev "$d MELT exit_threshold=$q" $D/phase2/ckpt.pt --exit_threshold=$q; done
+done
+
+# 5: ablations of MELT (Shakespeare): no interpolation, no alignment, scalar gate, chunk sizes
+D=$OUT/shakespeare_char; d=shakespeare_char
+run "$d/phase1_nointerp" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --alpha_steps=0
+run "$d/phase2_nointerp" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_nointerp/ckpt.pt
+run "$d/phase2_noalign" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1/ckpt.pt --beta=0
+run "$d/phase1_scalar" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --gate=scalar
+run "$d/phase2_scalar" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_scalar/ckpt.pt
+for c in 8 128; do
+  run "$d/phase1_chunk$c" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --chunk_size=$c
+  run "$d/phase2_chunk$c" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_chunk$c/ckpt.pt --chunk_size=$c
+done
+ev "$d MELT no interpolation" $D/phase2_nointerp/ckpt.pt
+ev "$d MELT no alignment (beta=0)" $D/phase2_noalign/ckpt.pt
+ev "$d MELT scalar gate" $D/phase2_scalar/ckpt.pt
+ev "$d MELT chunk 8" $D/phase2_chunk8/ckpt.pt
+ev "$d MELT chunk 128 (whole sequence)" $D/phase2_chunk128/ckpt.pt
+
+python bench/report.py "$OUT"

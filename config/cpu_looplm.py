@@ -1,0 +1,19 @@
+"""The miniature reproduction (bench/reproduce.sh), 2-core CPU: the LoopLM teacher (Ouro-style,
+one KV cache per loop and layer), 2 layers x 4 loops, width 128.
+python train.py config/cpu_looplm.py   (about 5 minutes)"""
+out_dir = "out-cpu/looplm"
+dataset = "shakespeare_char"
+n_loop = 4
+cache = "loop"
+n_layer = 2
+n_embd = 128
+n_head = 4
+block_size = 128
+batch_size = 16
+max_iters = 600
+lr = 2e-3
+min_lr = 2e-4
+warmup_iters = 50
+eval_interval = 200
+eval_iters = 10
+sample_tokens = 0
