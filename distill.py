@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import train as T
 from melt import MELT
@@ -148,8 +149,8 @@ class DistillObjective(torch.nn.Module):
 
     @torch.no_grad()
     def eval_extra(self, teacher, batches, rt, alpha):
-        """The two terms on validation batches, and the teacher's validation loss (fixed data,
-        so computed once) beside the student's, to see the gap close."""
+        """The two terms on validation batches, and the teacher's validation cross-entropy (fixed
+        data, so computed once) beside the student's (val_ce), to see the gap close."""
         self.model.eval()
         kd, align, t_loss = [], [], []
         for i in range(self.cfg.eval_iters):
@@ -158,20 +159,21 @@ class DistillObjective(torch.nn.Module):
                 t_out = self.teacher_outputs(teacher, x)
                 _, parts = self.forward(x, y, alpha, t_out)
                 if self._teacher_val is None:
-                    t_loss.append(teacher(x, y)[1].item())
+                    t_logits, _ = teacher(x)
+                    t_loss.append(F.cross_entropy(t_logits.float().view(-1, t_logits.shape[-1]), y.reshape(-1)).item())
             kd.append(parts["kd"].item())
             align.append(parts["align"].item())
         if self._teacher_val is None:
             self._teacher_val = rt.all_mean(sum(t_loss) / len(t_loss))
         self.model.train()
         return {"val_kd": rt.all_mean(sum(kd) / len(kd)), "val_align": rt.all_mean(sum(align) / len(align)),
-                "teacher_val_loss": self._teacher_val}
+                "teacher_val_ce": self._teacher_val}
 
 
 def main(argv):
     cfg, model_keys = T.parse_args(argv, train_cls=DistillConfig)
     student, rec, _ = T.train(cfg, model_keys, objective_cls=DistillObjective, build_fn=build_distill)
-    print(f"final: student val loss {rec['val_loss']:.4f}, teacher val loss {rec['teacher_val_loss']:.4f}, "
+    print(f"final: student val CE {rec['val_ce']:.4f}, teacher val CE {rec['teacher_val_ce']:.4f}, "
           f"val KD {rec['val_kd']:.4f}, val alignment {rec['val_align']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 

@@ -69,8 +69,11 @@ class TrainConfig:
 
 
 # The model trained by `python train.py` when nothing else is said: small enough for a 2-core CPU.
+# loss: at this scale Ouro's expected_logits lets the exit gate collapse onto loop 1 (p_1 ~ 0.98
+# after 300 steps) and the later loops never train; the entropy bonus at weight 1.0 keeps p near
+# uniform so every loop is trained (README, "Choices").
 DEFAULT_MODEL = dict(n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128,
-                     chunk_size=32, cache="shared", gate="learned")
+                     chunk_size=32, cache="shared", gate="learned", loss="expected_loss", entropy_weight=1.0)
 # Fields that define the weights' shapes: a resume or init_from may not change them.
 ARCH_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")
 
@@ -357,14 +360,16 @@ def evaluate(model, batches, cfg, rt, alpha, step):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        losses = []
+        losses, ces = [], []
         for i in range(cfg.eval_iters):
             for micro in range(cfg.grad_accum):   # the whole global batch, split like training's
                 x, y = batches.get(split, 10_000_000 + i, micro, rt.device)
                 with rt.autocast:
-                    _, loss = model(x, y, alpha=alpha)
+                    logits, loss = model(x, y, alpha=alpha)
                 losses.append(loss.item())
+                ces.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item())
         out[split] = rt.all_mean(sum(losses) / len(losses))
+        out[split + "_ce"] = rt.all_mean(sum(ces) / len(ces))
     model.train()
     return out
 
@@ -520,7 +525,9 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         nonlocal best
         alpha = alpha_at(step, cfg, raw.config)
         losses = evaluate(raw, batches, cfg, rt, alpha, step)
-        rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], alpha=alpha, lr=lr_at(step, cfg))
+        # *_loss: the training objective; val_ce: cross-entropy of the logits generation uses
+        rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], val_ce=losses["val_ce"],
+                   alpha=alpha, lr=lr_at(step, cfg))
         if problems is not None:
             rec["task_acc"] = task_accuracy(raw, problems, rt.device, alpha=alpha)
         if hasattr(objective, "eval_extra"):

@@ -1,5 +1,6 @@
 """
-Score a checkpoint the way it will be used: one JSON line with validation loss, task accuracy
+Score a checkpoint the way it will be used: one JSON line with validation loss (cross-entropy of
+the logits generation uses), each loop's cross-entropy, the mean exit distribution, task accuracy
 (reasoning data), KV-cache bytes per token, decode tokens/s and mean loops used.
 
     python bench/evaluate.py out-cpu/looplm/ckpt.pt
@@ -32,7 +33,7 @@ def main(argv):
         raise T.ConfigError("give one checkpoint path")
     label, log = opts.pop("label", paths[0]), opts.pop("log", None)
     n_loops = int(opts.pop("n_loops", 0)) or None
-    batches_n = int(opts.pop("batches", 10))
+    batches_n = int(opts.pop("batches", 6))
     threshold = float(opts.pop("exit_threshold", 1.0))
     _, overrides = T.parse_args([f"--{k}={v}" for k, v in opts.items()])
     ckpt = T.load_checkpoint(paths[0])
@@ -45,14 +46,18 @@ def main(argv):
     data_dir = T.ensure_dataset(tcfg["dataset"])
     meta = T.load_meta(data_dir)
     batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=tcfg.get("seed", 1337))
-    losses = []
+    losses, loop_ce, exit_p = [], [], []
+    ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     with torch.no_grad():
         for i in range(batches_n):
             x, y = batches.get("val", 10_000_000 + i, 0, torch.device("cpu"))
             out = model.run(x, n_loops=n_loops, exit_threshold=threshold)
-            logits = model.lm_head(out.selected)
-            losses.append(torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1)).item())
-        rec = dict(label=label, val_loss=sum(losses) / len(losses), cache=model.config.cache,
+            losses.append(ce(model.lm_head(out.selected), y))
+            loop_ce.append([ce(lg, y) for lg in model.loop_logits(out)])
+            exit_p.append(out.exit_probs.mean((1, 2)).tolist())
+        mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
+        rec = dict(label=label, val_loss=sum(losses) / len(losses), loop_ce=mean(loop_ce), exit_p=mean(exit_p),
+                   cache=model.config.cache,
                    gate=model.config.gate if model.config.cache == "shared" else None,
                    n_loops=n_loops or model.config.n_loop, exit_threshold=threshold)
         if meta.get("task"):

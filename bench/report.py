@@ -45,13 +45,13 @@ def main(out):
             if not os.path.exists(path):
                 continue
             log = [json.loads(line) for line in open(path)]
-            ax.plot([offset + r["step"] for r in log], [r["val_loss"] for r in log], marker="o",
+            ax.plot([offset + r["step"] for r in log], [r.get("val_ce", r["val_loss"]) for r in log], marker="o",
                     label={"looplm": "LoopLM teacher", "phase1": "MELT phase 1 (transition)",
                            "phase2": "MELT phase 2 (distillation)"}[name])
-            if name == "phase2" and "teacher_val_loss" in log[0]:
-                ax.axhline(log[0]["teacher_val_loss"], color="gray", ls="--", lw=1, label="teacher (LoopLM) val")
+            if name == "phase2" and "teacher_val_ce" in log[0]:
+                ax.axhline(log[0]["teacher_val_ce"], color="gray", ls="--", lw=1, label="teacher (LoopLM) val CE")
             offset += log[-1]["step"]
-        ax.set(xlabel="step (phases back to back)", ylabel="val loss (train-time eval)", title=data)
+        ax.set(xlabel="step (phases back to back)", ylabel="val cross-entropy (train-time chunks)", title=data)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
