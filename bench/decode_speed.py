@@ -7,7 +7,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Each number is the best of
-3 repeats. "compiled" compiles only the one-token decode step (torch.compile, dynamic shapes),
+3 repeats (2 for --contexts). "compiled" compiles only the one-token decode step (torch.compile, dynamic shapes),
 as gpt-fast does; prefill stays eager.
 """
 
@@ -45,12 +45,15 @@ def main():
           f"{models['loop'].num_params(False) / 1e6:.2f}M parameters (LoopLM), "
           f"{models['shared'].num_params(False) / 1e6:.2f}M (MELT, with gates)")
     if "--contexts" in sys.argv:
-        print("\n| context | LoopLM tok/s | MELT tok/s | MELT / LoopLM | KV rows read per layer: LoopLM / MELT |")
+        # Per token and loop both layouts read `context` rows per layer; what differs is how much
+        # distinct memory those reads span (LoopLM: n_loop slots, MELT: one), i.e. the cache size.
+        print("\n| context | LoopLM tok/s | MELT tok/s | MELT / LoopLM | KV cache MiB: LoopLM / MELT |")
         print("|---|---|---|---|---|")
-        for ctx in (64, 1024, 4096, 8000):
-            r = {c: decode_rate(m, ctx, 32 if ctx > 64 else 128) for c, m in models.items()}
+        for ctx in (64, 1024, 2048, 4096):
+            r = {c: decode_rate(m, ctx, 32 if ctx > 64 else 128, repeats=2) for c, m in models.items()}
+            mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in models.items()}
             print(f"| {ctx} | {r['loop']:.1f} | {r['shared']:.1f} | {r['shared'] / r['loop']:.2f} | "
-                  f"{4 * ctx} / {ctx} |", flush=True)
+                  f"{mib['loop']:g} / {mib['shared']:g} |", flush=True)
         return
     rows = []
     for c, m in models.items():
