@@ -250,8 +250,7 @@ def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0):
     tok = CharTokenizer(TASK_CHARS)
     lines = lambda n: "".join(p + a + ".\n" for p, a in (chain_problem(rng, hops) for _ in range(n)))
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="chains", hops=hops,
-                val_seed=seed + 1)
+    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="chains", hops=hops)
     return finish(out_dir, meta, tok.encode(lines(n_train)), tok.encode(lines(n_val)))
 
 
