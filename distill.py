@@ -109,8 +109,7 @@ def build_distill(cfg, model_keys, rt):
     student.to(rt.device)
     optimizer = T.make_optimizer(student, cfg, rt.device.type)
     if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
+        T.restore_training_state(ckpt, optimizer)
     return student, optimizer, step, best, teacher, data_dir, meta
 
 

@@ -482,10 +482,11 @@ class MELT(nn.Module):
         # hidden state, latent and KV row, and later tokens read that row. In loop mode every
         # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
         adaptive = shared and ctx["alpha"] == 1.0 and threshold < 1.0
-        done = torch.zeros(B, c, dtype=torch.bool, device=h.device)
-        remaining = torch.ones(B, c, dtype=torch.float32, device=h.device)
-        cum_exit = torch.zeros(B, c, dtype=torch.float32, device=h.device)
-        loops_used = torch.zeros(B, c, dtype=torch.long, device=h.device)
+        if adaptive:   # per-token exit bookkeeping, only when it can change anything
+            done = torch.zeros(B, c, dtype=torch.bool, device=h.device)
+            remaining = torch.ones(B, c, dtype=torch.float32, device=h.device)
+            cum_exit = torch.zeros(B, c, dtype=torch.float32, device=h.device)
+            loops_used = torch.zeros(B, c, dtype=torch.long, device=h.device)
         s = [None] * self.config.n_layer   # the MELT latent of each layer, carried across loops
         hidden, gate_logits, attn = [], [], []
         for r in range(n_loops):                                   # THE LOOP
@@ -506,7 +507,8 @@ class MELT(nn.Module):
             gate_logits.append(g)
             if collect_attn:
                 attn.append(attn_r)
-            loops_used = loops_used + (~done).long()
+            if adaptive:
+                loops_used = loops_used + (~done).long()
             if adaptive and r < n_loops - 1:
                 lam = torch.sigmoid(g.float())
                 cum_exit = cum_exit + lam * remaining
@@ -515,6 +517,8 @@ class MELT(nn.Module):
                 if bool(done.all()):
                     break
         store.end_chunk(c)
+        if not adaptive:
+            loops_used = torch.full((B, c), len(hidden), dtype=torch.long, device=h.device)
         return hidden, gate_logits, attn, loops_used
 
     def run(self, idx, n_loops=None, cache=None, alpha=None, exit_threshold=None, collect_attn=False):
@@ -550,10 +554,9 @@ class MELT(nn.Module):
         emb = self.tok_emb(idx)   # (B, T, C)
         parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, q, collect_attn)
                  for i in range(0, T, chunk)]          # chunks in sequence, tokens within in parallel
-        n_run = min(len(p[0]) for p in parts)
-        if n_run < max(len(p[0]) for p in parts):     # adaptive exit ended chunks at different loops
+        if len({len(p[0]) for p in parts}) > 1:   # adaptive exit ended chunks at different loops:
             parts = [([*hd, *[hd[-1]] * (R - len(hd))], [*g, *[g[-1]] * (R - len(g))], a, u)
-                     for hd, g, a, u in parts]
+                     for hd, g, a, u in parts]     # repeat each chunk's exit state up to R loops
         hidden = torch.cat([torch.stack(p[0]) for p in parts], dim=2)        # (R', B, T, C)
         gate_logits = torch.cat([torch.stack(p[1]) for p in parts], dim=2)   # (R', B, T)
         loops_used = torch.cat([p[3] for p in parts], dim=1)                 # (B, T)

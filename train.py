@@ -260,6 +260,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def restore_training_state(ckpt, optimizer):
+    """What init_from=resume needs beyond the weights: optimizer moments and RNG state."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+
+
 def model_from_checkpoint(ckpt, **overrides):
     """Build the model a checkpoint holds; overrides may change the non-shape fields (cache,
     gate, chunk_size, ...) but not the architecture. A loop-mode checkpoint loaded with
@@ -450,10 +458,7 @@ def build(cfg, model_keys, rt):
     model.to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.device.type)
     if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        restore_training_state(ckpt, optimizer)
     if teacher is not None:
         teacher.to(rt.device).eval().requires_grad_(False)
     return model, optimizer, start_step, best, teacher, data_dir, meta

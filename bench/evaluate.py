@@ -37,10 +37,9 @@ def main(argv):
     threshold = float(opts.pop("exit_threshold", 1.0))
     _, overrides = T.parse_args([f"--{k}={v}" for k, v in opts.items()])
     ckpt = T.load_checkpoint(paths[0])
-    model = T.model_from_checkpoint(ckpt, **overrides)
-    if model.config.cache == "shared":
-        model = T.model_from_checkpoint(ckpt, **{**overrides, "chunk_size": 1})
-    model.eval()
+    if overrides.get("cache", ckpt["model_config"]["cache"]) == "shared":
+        overrides["chunk_size"] = 1     # inference semantics: every earlier token is final
+    model = T.model_from_checkpoint(ckpt, **overrides).eval()
     torch.set_num_threads(2)
     tcfg = ckpt["train_config"]
     data_dir = T.ensure_dataset(tcfg["dataset"])
@@ -66,7 +65,8 @@ def main(argv):
                                               exit_threshold=threshold)
         cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
-        prompt = torch.tensor([T.load_tokenizer(meta).encode("\n")] * 1)[:, :1].repeat(1, 32)
+        newline = T.load_tokenizer(meta).encode("\n")[0]
+        prompt = torch.full((1, 32), newline, dtype=torch.long)   # 32 newlines, then 64 decoded tokens
         stream = model.generate_stream(prompt, 64, temperature=0, cache=cache, n_loops=n_loops,
                                        exit_threshold=threshold)
         next(stream)
