@@ -1,29 +1,39 @@
 """
 Decode speed of LoopLM vs MELT at the same config, measured side by side in one run.
 
-    python bench/decode_speed.py                 # headline: eager and compiled, both layouts
-    python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per layout)
+    python bench/decode_speed.py                 # headline: eager and compiled, every model
+    python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
     python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length
+    python bench/decode_speed.py --profile       # where the LoopLM's compiled decode step spends its time
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
-64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Each number is the best of
-3 repeats (2 for --contexts). "compiled" compiles only the one-token decode step (torch.compile, dynamic shapes),
-as gpt-fast does; prefill stays eager.
+64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
+MELT with its learned gate, and MELT with the parameter-free gate=mean (the shared cache layout
+without the gate's two width x width matrices). "compiled" compiles only the one-token decode step
+(torch.compile, dynamic shapes), as gpt-fast does; prefill stays eager.
+
+This VM's speed drifts by up to 2x over minutes, so the models are timed in turn within each of
+5 rounds, and the table gives the median tok/s and the median of the per-round ratios to the
+LoopLM (a ratio compares two runs seconds apart).
 """
 
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from melt import MELT, MeltConfig  # noqa: E402
+from melt import MELT, Linear, MeltConfig  # noqa: E402
 
 CONFIG = dict(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_loop=4, block_size=8192, chunk_size=64)
+MODELS = {"LoopLM": dict(cache="loop"), "MELT": dict(cache="shared"), "MELT gate=mean": dict(cache="shared", gate="mean")}
 
 
-def decode_rate(model, prompt_len, new_tokens, step=None, repeats=3):
+def decode_rate(model, prompt_len, new_tokens, step=None, repeats=1):
+    """Best tokens/s over `repeats` generations of new_tokens after a random prompt, counting the
+    decode steps only (the prefill and the first token are excluded)."""
     idx = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     best = 0.0
     with torch.inference_mode():
@@ -37,39 +47,108 @@ def decode_rate(model, prompt_len, new_tokens, step=None, repeats=3):
     return best
 
 
+def weight_mb_per_token(model):
+    """Megabytes of weights one decode step streams: every block's weights, the final norm and
+    the exit gate once per loop (Ouro applies the last two after every loop), the LM head once."""
+    n_loop = sum(p.numel() for m in (model.blocks, model.norm, model.exit_gate) for p in m.parameters())
+    return (model.config.n_loop * n_loop + model.lm_head.weight.numel()) * 4 / 1e6
+
+
+def matvec_ceiling(model, repeats=100):
+    """Tokens/s if a decode step did nothing but its matrix-vector products: every Linear of
+    every block once per loop (and the LM head once), on the model's own weights, back to back.
+    The ceiling for float32 decoding on this machine; the rest of a real step is overhead."""
+    loop = [m.weight for m in model.blocks.modules() if isinstance(m, Linear)]
+    head = model.lm_head.weight                                       # (C, V)
+    xs = {w.shape[0]: torch.randn(1, 1, w.shape[0]) for w in loop + [head]}
+
+    def one_token():
+        for _ in range(model.config.n_loop):
+            for w in loop:
+                xs[w.shape[0]] @ w
+        xs[head.shape[0]] @ head
+
+    with torch.inference_mode():
+        for _ in range(10):
+            one_token()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            one_token()
+    return repeats / (time.perf_counter() - t)
+
+
+def profile_step(model, tokens=20):
+    """torch.profiler's tables for `tokens` one-token decode steps after a 64-token prompt, eager
+    then compiled, with the number of tensor ops the eager step launches per token."""
+    from torch.profiler import profile
+    compiled = torch.compile(model.step, dynamic=True)
+    decode_rate(model, 64, 8, compiled)                       # compile
+    idx = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    for name, step in (("eager", model.step), ("compiled", compiled)):
+        with torch.inference_mode():
+            cache = model.new_cache(1, 64 + 2 * tokens)
+            nxt = model.step(idx, cache)[0].argmax(-1, keepdim=True)
+            for _ in range(tokens // 2):
+                step(nxt, cache)
+            with profile() as prof:
+                for _ in range(tokens):
+                    step(nxt, cache)
+        ops = sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+        launched = f", {ops / tokens:.0f} top-level tensor ops per token" if name == "eager" else ""
+        print(f"\n{name}: {tokens} decode steps{launched}; per-token time = total / {tokens}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def rounds(models, steps, rounds=5):
+    """tok/s per model name, one list entry per round; models timed in turn in each round."""
+    rates = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            rates[name].append(decode_rate(m, 64, 256, steps.get(name)))
+    return rates
+
+
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    models = {c: MELT(MeltConfig(**CONFIG, cache=c)).eval() for c in ("loop", "shared")}
+    models = {name: MELT(MeltConfig(**CONFIG, **kw)).eval() for name, kw in MODELS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{models['loop'].num_params(False) / 1e6:.2f}M parameters (LoopLM), "
-          f"{models['shared'].num_params(False) / 1e6:.2f}M (MELT, with gates)")
+          + ", ".join(f"{name}: {m.num_params(False) / 1e6:.2f}M parameters" for name, m in models.items()))
+    if "--profile" in sys.argv:
+        profile_step(models["LoopLM"])
+        return
     if "--contexts" in sys.argv:
         # Per token and loop both layouts read `context` rows per layer; what differs is how much
         # distinct memory those reads span (LoopLM: n_loop slots, MELT: one), i.e. the cache size.
         print("\n| context | LoopLM tok/s | MELT tok/s | MELT / LoopLM | KV cache MiB: LoopLM / MELT |")
         print("|---|---|---|---|---|")
+        pair = {"loop": models["LoopLM"], "shared": models["MELT"]}
         for ctx in (64, 1024, 2048, 4096):
-            r = {c: decode_rate(m, ctx, 32 if ctx > 64 else 128, repeats=2) for c, m in models.items()}
-            mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in models.items()}
+            r = {c: decode_rate(m, ctx, 32 if ctx > 64 else 128, repeats=2) for c, m in pair.items()}
+            mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in pair.items()}
             print(f"| {ctx} | {r['loop']:.1f} | {r['shared']:.1f} | {r['shared'] / r['loop']:.2f} | "
                   f"{mib['loop']:g} / {mib['shared']:g} |", flush=True)
         return
-    rows = []
-    for c, m in models.items():
-        rows.append((c, "eager", decode_rate(m, 64, 256)))
-        print(f"{c:7s} eager    {rows[-1][2]:7.1f} tok/s", flush=True)
+    for name, m in models.items():
+        print(f"{name}: its matrix-vector products alone run at {matvec_ceiling(m):.0f} tok/s", flush=True)
+    modes = {"eager": {}}
     if "--no-compile" not in sys.argv:
-        for c, m in models.items():
-            step = torch.compile(m.step, dynamic=True)
+        compiled = {}
+        for name, m in models.items():
+            compiled[name] = torch.compile(m.step, dynamic=True)
             t = time.perf_counter()
-            decode_rate(m, 64, 8, step, repeats=1)   # compiles (twice: prefill-shaped guards, then decode)
-            compile_s = time.perf_counter() - t
-            rows.append((c, "compiled", decode_rate(m, 64, 256, step)))
-            print(f"{c:7s} compiled {rows[-1][2]:7.1f} tok/s  (compile {compile_s:.0f} s)", flush=True)
-    print("\n| layout | mode | decode tok/s | x the reference's ~38 tok/s |\n|---|---|---|---|")
-    for c, mode, r in rows:
-        print(f"| {'LoopLM' if c == 'loop' else 'MELT'} | {mode} | {r:.1f} | {r / 38:.1f}x |")
+            decode_rate(m, 64, 8, compiled[name])   # compiles (twice: prefill-shaped guards, then decode)
+            print(f"compiled {name}'s one-token step in {time.perf_counter() - t:.0f} s", flush=True)
+        modes["compiled one-token step"] = compiled
+    print("\n| model | mode | weights read per token | decode tok/s (median of 5) | range | / LoopLM (median) "
+          "| x the reference's ~38 tok/s |\n|---|---|---|---|---|---|---|")
+    for mode, steps in modes.items():
+        rates = rounds(models, steps)
+        for name, r in rates.items():
+            ratio = statistics.median(a / b for a, b in zip(r, rates["LoopLM"]))
+            med = statistics.median(r)
+            print(f"| {name} | {mode} | {weight_mb_per_token(models[name]):.1f} MB | {med:.1f} | "
+                  f"{min(r):.0f}-{max(r):.0f} | {ratio:.2f} | {med / 38:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

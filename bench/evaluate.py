@@ -44,7 +44,8 @@ def main(argv):
     tcfg = ckpt["train_config"]
     data_dir = T.ensure_dataset(tcfg["dataset"])
     meta = T.load_meta(data_dir)
-    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=tcfg.get("seed", 1337))
+    # seed 1337 whatever the run trained with: every model is scored on the same windows
+    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337)
     losses, loop_ce, exit_p = [], [], []
     ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     with torch.no_grad():
