@@ -101,11 +101,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        # sum(x^2) / C rather than mean(): the same number, and on CPU the one-token case is
-        # several times faster (F.rms_norm and mean() take ~40 us each for 256 numbers in torch 2.13)
-        inv_rms = torch.rsqrt((x32 * x32).sum(-1, keepdim=True) * (1.0 / x.shape[-1]) + self.eps)
-        return self.weight * (x32 * inv_rms).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -351,12 +347,17 @@ def causal_mask(n_past, n_new, device):
     return torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device).tril(n_past)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pure sampling step: logits (B, V) -> ids (B, 1). temperature 0 means argmax."""
+def check_sampling(temperature, top_k):
+    """Refuse sampling settings that mean nothing, with a clear message."""
     if temperature < 0:
         raise MeltError(f"temperature={temperature} must be >= 0")
     if top_k is not None and top_k < 1:
         raise MeltError(f"top_k={top_k} must be >= 1")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pure sampling step: logits (B, V) -> ids (B, 1). temperature 0 means argmax."""
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
@@ -435,14 +436,9 @@ class MELT(nn.Module):
             k_shr, v_shr = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
             k = alpha * k_shr + (1.0 - alpha) * k_loop
             v = alpha * v_shr + (1.0 - alpha) * v_loop
-        if c == 1:   # one new token: plain matmuls beat SDPA's CPU kernel (63 vs ~15 us here)
-            qg = q.view(B, cfg.n_kv_head, cfg.n_head // cfg.n_kv_head, cfg.head_dim)    # (B, nkv, rep, hs)
-            w = torch.softmax((qg @ k.transpose(-1, -2)) * cfg.head_dim ** -0.5, dim=-1, dtype=torch.float32)
-            y = (w.to(v.dtype) @ v).view(B, 1, cfg.n_head * cfg.head_dim)              # (B, 1, nh*hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
-                                               enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
-            y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)           # (B, c, nh*hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
+        y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)               # (B, c, nh*hs)
         return block.attn.o_proj(y)
 
     def _layer(self, l, r, h, s, store, ctx):
@@ -476,7 +472,7 @@ class MELT(nn.Module):
             alpha=alpha if shared else 0.0,
             shared_slot=n_loops if 0.0 < alpha < 1.0 else 0,   # the transition keeps both layouts
             mask=causal_mask(pos, c, h.device) if pos > 0 else None,
-            is_causal=pos == 0 and c > 1,
+            is_causal=c > 1 and pos == 0,   # c first: for one token a plain False, never symbolic under compile
         )
         # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
         # hidden state, latent and KV row, and later tokens read that row. In loop mode every
@@ -655,6 +651,7 @@ class MELT(nn.Module):
         B, T = idx.shape
         if T == 0:
             raise MeltError("empty prompt: give at least one token")
+        check_sampling(temperature, top_k)   # before the prefill, not after it
         self.check_ids(idx)
         if cache is None:
             cache = self.new_cache(B, T + max_new_tokens, n_loops=n_loops)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import train as T
-from melt import MELT, MeltError, load_ouro_tokenizer
+from melt import MELT, MeltError, check_sampling, load_ouro_tokenizer
 
 
 @dataclass
@@ -64,10 +64,7 @@ def load_model_and_tokenizer(path, overrides):
 
 def main(argv):
     cfg, overrides = T.parse_args(argv, train_cls=SampleConfig)
-    if cfg.temperature < 0:
-        raise T.ConfigError(f"temperature={cfg.temperature} must be >= 0")
-    if cfg.top_k < 1:
-        raise T.ConfigError(f"top_k={cfg.top_k} must be >= 1")
+    check_sampling(cfg.temperature, cfg.top_k)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
