@@ -134,7 +134,10 @@ class DistillObjective(torch.nn.Module):
         m, cfg = self.model, self.cfg
         out = m.run(x, alpha=alpha, collect_attn=True)
         s_logits = m.loop_logits(out) if cfg.kd_loops == "all" else m.lm_head(out.hidden[-1:])
-        kd = torch.stack([T.kd_loss(s_logits[r], t["logits"][r], cfg.kd_temperature)
+        t_logits = t["logits"]
+        if cfg.answer_only:   # KD where the LM loss is: the answer positions (the targets not -1)
+            s_logits, t_logits = s_logits[:, y != -1], t_logits[:, y != -1]   # (R, N, V)
+        kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature)
                           for r in range(s_logits.shape[0])]).mean()
         s_attn = torch.stack([torch.stack(a) for a in out.attn])                    # (R, L, B, T, C)
         align = (s_attn.float() - t["attn"].float()).pow(2).sum(-1).mean()
@@ -159,7 +162,8 @@ class DistillObjective(torch.nn.Module):
                 _, parts = self.forward(x, y, alpha, t_out)
                 if self._teacher_val is None:
                     t_logits, _ = teacher(x)
-                    t_loss.append(F.cross_entropy(t_logits.float().view(-1, t_logits.shape[-1]), y.reshape(-1)).item())
+                    t_loss.append(F.cross_entropy(t_logits.float().view(-1, t_logits.shape[-1]), y.reshape(-1),
+                                                  ignore_index=-1).item())
             kd.append(parts["kd"].item())
             align.append(parts["align"].item())
         if self._teacher_val is None:

@@ -248,6 +248,8 @@ class KVCache:
                                 while a chunk runs it holds the chunk's current rows, after the
                                 chunk's last loop its final rows.
     `pos` is the number of tokens already in the cache; it advances in end_chunk() and nowhere else.
+    `position` is the same number as a (1,) tensor on the cache's device, for the fixed-shape
+    decode step (MELT.step_fixed), whose compiled graph must not depend on a Python number.
     """
 
     def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
@@ -259,6 +261,7 @@ class KVCache:
         self._k = [list(self.k[i].unbind(0)) for i in range(n_slots)]   # [slot][layer] (B, nkv, max_len, hs)
         self._v = [list(self.v[i].unbind(0)) for i in range(n_slots)]
         self.pos = 0
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
 
     @property
     def nbytes(self):
@@ -275,9 +278,37 @@ class KVCache:
 
     def end_chunk(self, n_tokens):
         self.pos += n_tokens
+        self.position.fill_(self.pos)
 
     def reset(self):
         self.pos = 0
+        self.position.zero_()
+
+
+class _FixedRows:
+    """The decode-time view of a KVCache with every shape fixed, for torch.compile and CUDA graphs
+    (gpt-fast's design): rows() writes the token's row at `pos`, a (1,) int64 tensor, and returns
+    the whole preallocated (slot, layer) block; the attention mask hides the rows after pos. So the
+    compiled step sees the same shapes at every position and is traced once. Used by
+    MELT.step_fixed; the caller advances the KVCache."""
+
+    def __init__(self, k, v, pos):
+        _, _, B, nkv, self.max_len, _ = k.shape
+        self.k, self.v, self.pos = k, v, pos
+        # where a token's rows go, as index tensors broadcast to (B, nkv, 1): index_put_ on the
+        # whole cache tensor, not on a view of it, which a compiled graph would copy every step
+        self.b = torch.arange(B, device=k.device).view(B, 1, 1)
+        self.h = torch.arange(nkv, device=k.device).view(1, nkv, 1)
+
+    def rows(self, slot, layer, k, v):
+        at = (self.pos.new_full((1, 1, 1), slot), self.pos.new_full((1, 1, 1), layer), self.b, self.h,
+              self.pos.view(1, 1, 1))
+        self.k.index_put_(at, k)   # k, v: (B, nkv, 1, hs), i.e. one row of hs per (b, head)
+        self.v.index_put_(at, v)
+        return self.k[slot, layer], self.v[slot, layer]   # (B, nkv, max_len, hs)
+
+    def end_chunk(self, n_tokens):
+        pass   # the cache's position advances outside the compiled step, in KVCache.end_chunk
 
 
 class _History:
@@ -447,7 +478,10 @@ class MELT(nn.Module):
         block = self.blocks[l]
         x = block.attn_in_norm(h)
         if ctx["alpha"] > 0.0:
-            s = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
+            s_new = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
+            # tokens that have exited (adaptive depth) keep their latent, so the row they write
+            # again is their final row, the one later tokens must read
+            s = s_new if ctx["exited"] is None else torch.where(ctx["exited"], s, s_new)
         a = self._attend(l, r, block, x, s, store, ctx)
         h = h + block.attn_out_norm(a)
         if self.checkpoint_mlp and torch.is_grad_enabled():
@@ -468,12 +502,18 @@ class MELT(nn.Module):
         pos = store.pos
         shared = self.config.cache == "shared"
         ctx = dict(
-            cos=self.rope_cos[pos:pos + c].to(h.dtype), sin=self.rope_sin[pos:pos + c].to(h.dtype),
             alpha=alpha if shared else 0.0,
             shared_slot=n_loops if 0.0 < alpha < 1.0 else 0,   # the transition keeps both layouts
-            mask=causal_mask(pos, c, h.device) if pos > 0 else None,
-            is_causal=c > 1 and pos == 0,   # c first: for one token a plain False, never symbolic under compile
+            exited=None,   # adaptive depth: (B, c, 1) bool, tokens that stopped looping
         )
+        if torch.is_tensor(pos):   # the fixed-shape decode step (_FixedRows): one token, pos a tensor
+            ctx.update(cos=self.rope_cos[pos].to(h.dtype), sin=self.rope_sin[pos].to(h.dtype),   # (1, hs)
+                       mask=(torch.arange(store.max_len, device=h.device) <= pos).view(1, -1),   # (1, max_len)
+                       is_causal=False)
+        else:
+            ctx.update(cos=self.rope_cos[pos:pos + c].to(h.dtype), sin=self.rope_sin[pos:pos + c].to(h.dtype),
+                       mask=causal_mask(pos, c, h.device) if pos > 0 else None,
+                       is_causal=c > 1 and pos == 0)   # c first: for one token a plain False, never symbolic under compile
         # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
         # hidden state, latent and KV row, and later tokens read that row. In loop mode every
         # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
@@ -488,15 +528,12 @@ class MELT(nn.Module):
         for r in range(n_loops):                                   # THE LOOP
             attn_r = []
             for l in range(self.config.n_layer):
-                h_new, s_new, a = self._layer(l, r, h, s[l], store, ctx)
-                if adaptive and r > 0:
-                    keep = done.unsqueeze(-1)
-                    h_new, s_new = torch.where(keep, h, h_new), torch.where(keep, s[l], s_new)
-                h, s[l] = h_new, s_new
+                h_new, s[l], a = self._layer(l, r, h, s[l], store, ctx)
+                h = h_new if ctx["exited"] is None else torch.where(ctx["exited"], h, h_new)
                 attn_r.append(a)
             h_final = self.norm(h)
-            if adaptive and r > 0:
-                h_final = torch.where(done.unsqueeze(-1), hidden[-1], h_final)
+            if ctx["exited"] is not None:
+                h_final = torch.where(ctx["exited"], hidden[-1], h_final)
             h = h_final                       # Ouro: the final norm's output is the next loop's input
             g = self.exit_gate(h).squeeze(-1)  # (B, c)
             hidden.append(h)
@@ -510,7 +547,10 @@ class MELT(nn.Module):
                 cum_exit = cum_exit + lam * remaining
                 remaining = remaining * (1.0 - lam)
                 done = done | (cum_exit >= threshold)
-                if bool(done.all()):
+                ctx["exited"] = done.unsqueeze(-1)   # (B, c, 1)
+                # a compiled step cannot branch on data: it runs every loop, exited tokens frozen
+                # by the torch.where calls on ctx["exited"] (same numbers, no compute saved)
+                if not torch.compiler.is_compiling() and bool(done.all()):
                     break
         store.end_chunk(c)
         if not adaptive:
@@ -560,8 +600,14 @@ class MELT(nn.Module):
         if collect_attn:
             attn = [[torch.cat([p[2][t][l] for p in parts], dim=1) for l in range(cfg.n_layer)]
                     for t in range(len(parts[0][2]))]
+        return self._output(hidden, gate_logits, loops_used, attn, q)
+
+    @staticmethod
+    def _output(hidden, gate_logits, loops_used, attn, threshold):
+        """LoopOutput of stacked per-loop hidden (R, B, T, C) and gate logits (R, B, T): Ouro's exit
+        distribution and, per token, the hidden state of the loop that exit_threshold chooses."""
         exit_probs = exit_distribution(gate_logits)
-        choice = exit_choice(exit_probs, q)                                   # (B, T)
+        choice = exit_choice(exit_probs, threshold)                            # (B, T)
         selected = hidden.gather(0, choice[None, :, :, None].expand(1, *hidden.shape[1:])).squeeze(0)
         return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
 
@@ -641,6 +687,49 @@ class MELT(nn.Module):
         loops used (B, c)). Prefill (c = prompt length) and decode (c = 1) are this one call."""
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
+
+    def step_fixed(self, idx, cache_k, cache_v, position, n_loops=None, exit_threshold=None):
+        """The one-token decode step with every shape fixed, made to be compiled (gpt-fast): idx
+        (B, 1) at `position` (KVCache.position, a (1,) tensor) writes its rows in place and
+        attends over the whole preallocated cache (KVCache.k / .v), rows after it masked. Same
+        numbers as step(idx, cache); nothing depends on the position as a Python number, so
+        torch.compile traces it once and a GPU can replay it as a CUDA graph. It does not
+        advance the cache: use decode_step_fixed(), which does."""
+        R = self.config.n_loop if n_loops is None else n_loops
+        q = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+        store = _FixedRows(cache_k, cache_v, position)
+        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, q, False)
+        out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, q)
+        return self.lm_head(out.selected[:, -1]), out.loops_used
+
+    def decode_step_fixed(self, compile=False):
+        """A decode step for generate_stream(decode_step=...) built on step_fixed: checks the
+        cache, runs the step (compiled once if compile=True; on a GPU as a CUDA graph, with the
+        cache tensors marked as static inputs so the graph may write them in place), advances
+        the cache. The eager prefill stays as it is: only the one-token step is compiled."""
+        fn = self.step_fixed
+        cuda_graphs = compile and self.lm_head.weight.is_cuda
+        if compile:
+            fn = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+
+        def decode_step(idx, cache, n_loops=None, exit_threshold=None):
+            R = self.config.n_loop if n_loops is None else n_loops
+            q = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+            if R < 1 or not 0.0 < q <= 1.0:
+                raise MeltError(f"need n_loops >= 1 and exit_threshold in (0, 1]; got {R}, {q}")
+            self._check_cache(cache, idx.shape[0], 1, R, 1.0)
+            if idx.shape[1] != 1:
+                raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
+            if cuda_graphs:
+                torch._dynamo.mark_static_address(cache.k)   # the graph writes these in place
+                torch._dynamo.mark_static_address(cache.v)
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, used = fn(idx, cache.k, cache.v, cache.position, n_loops, exit_threshold)
+            cache.end_chunk(1)
+            if cuda_graphs:   # a CUDA graph's outputs are overwritten by its next replay
+                logits, used = logits.clone(), used.clone()
+            return logits, used
+        return decode_step
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None,

@@ -38,7 +38,7 @@ class SampleConfig:
     stream: bool = True              # print tokens as they come
     device: str = "auto"             # "auto", "cpu", "cuda", ...
     dtype: str = "auto"              # "auto": bfloat16 on GPU, float32 on CPU
-    compile: bool = False            # torch.compile the one-token decode step
+    compile: bool = False            # torch.compile the one-token decode step (CUDA graphs on a GPU)
     threads: int = 0                 # CPU threads; 0 leaves torch's default
 
 
@@ -95,7 +95,8 @@ def main(argv):
         print(f"note: with cache=loop every loop still runs (later tokens need every loop's row); "
               f"exit_threshold only picks which loop's logits are used", file=sys.stderr)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    decode_step = torch.compile(model.step, dynamic=True) if cfg.compile else None
+    # compile only the one-token step, in its fixed-shape form (CUDA graphs on a GPU), as gpt-fast does
+    decode_step = model.decode_step_fixed(compile=True) if cfg.compile else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     stats = dict(prefill_s=0.0, decode_s=0.0, decoded=0, prompt=0, loops=[], cache_bytes=0)

@@ -559,8 +559,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
 
 def test_config_errors(tiny_data, tmp_path):
     """Unknown or mistyped keys, a missing or foreign checkpoint, chunk_size > block_size, a
-    dataset whose vocabulary exceeds the model's, and a resume without a checkpoint are each
-    refused with a one-line message saying what is wrong."""
+    dataset whose vocabulary exceeds the model's, a resume without a checkpoint and answer_only
+    on a dataset without answers are each refused with a one-line message saying what is wrong."""
     with pytest.raises(trainer.ConfigError, match=r"unknown config keys \['n_layers'\]; valid keys"):
         trainer.parse_args(["--n_layers=3"])
     with pytest.raises(trainer.ConfigError, match="should be a int|not a valid int"):
@@ -578,6 +578,8 @@ def test_config_errors(tiny_data, tmp_path):
         run_train(tiny_data, tmp_path, "--vocab_size=5")
     with pytest.raises(trainer.ConfigError, match="init_from=resume but .* does not exist"):
         run_train(tiny_data, tmp_path / "empty", "--init_from=resume")
+    with pytest.raises(trainer.ConfigError, match="answer_only=True needs a reasoning dataset"):
+        run_train(tiny_data, tmp_path, "--answer_only=True")
     cfg_file = tmp_path / "bad.py"
     cfg_file.write_text("import os\n")
     with pytest.raises(trainer.ConfigError, match="only `name = value` lines"):
@@ -639,6 +641,27 @@ def test_reasoning_answers_follow_the_chain():
             while not var.isdigit():
                 var, depth = stmts[var], depth + 1
             assert var == answer and depth == hops + 1  # hops links + the digit
+
+
+def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
+    """train.py --answer_only=True: in every window the targets left are exactly the answer
+    digits (found here from the text: the character after '?<var>='), the rest are -1, and the
+    targets left equal the plain batch's targets there."""
+    prepare.prepare_reasoning(str(tmp_path), hops=1, n_train=300, n_val=50)
+    meta = trainer.load_meta(str(tmp_path))
+    chars = meta["chars"]
+    plain = trainer.Batches(str(tmp_path), 64, 4, 1, seed=5)
+    scored = trainer.Batches(str(tmp_path), 64, 4, 1, seed=5, answer_after=chars.index("?"))
+    for step in range(3):
+        x, y = plain.get("train", step, 0, torch.device("cpu"))
+        x2, y2 = scored.get("train", step, 0, torch.device("cpu"))
+        assert torch.equal(x, x2)
+        for row_x, row_y, row_y2 in zip(x.tolist(), y.tolist(), y2.tolist()):
+            text = "".join(chars[i] for i in row_x) + chars[row_y[-1]]   # the window and its last target
+            answers = {m + 2 for m in range(len(row_x) - 2) if text[m] == "?"}   # y[t] is text[t + 1]
+            assert {t for t, v in enumerate(row_y2) if v != -1} == answers
+            assert all(row_y2[t] == row_y[t] and text[t + 1].isdigit() and text[t] == "=" for t in answers)
+        assert (y2 != -1).sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,6 +777,62 @@ def test_adaptive_exit_saves_loops_at_constant_cache():
             tok = logits.argmax(-1, keepdim=True)
     assert cache.nbytes == nbytes
     assert sum(loops) / len(loops) < 3
+
+
+def decode_greedy(model, prompt, n, threshold, step=None):
+    """Greedy decoding of n <= 15 tokens after prompt, with a cache of prompt + 16 rows
+    -> (logits (B, n, V), loops (B, n))."""
+    with torch.no_grad():
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + 16)
+        logits, used = model.step(prompt, cache, exit_threshold=threshold)
+        out, loops = [], []
+        for _ in range(n):
+            logits, used = (step or model.step)(logits.argmax(-1, keepdim=True), cache, None, threshold)
+            out.append(logits)
+            loops.append(used[:, -1])
+    return torch.stack(out, 1), torch.stack(loops, 1)
+
+
+def test_adaptive_exit_in_a_batch_equals_each_sequence_alone():
+    """Adaptive depth in a batch: while some sequences keep looping, one that has exited must
+    keep its latent, so the cache row it writes again is its final row. Each sequence decoded in
+    a batch of 3 gives the logits and loop counts it gives decoded alone (where its step simply
+    stops at its exit), and the batch really mixes exit depths."""
+    model = tiny_model(cache="shared", n_loop=3)
+    prompt = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(9))
+    logits, loops = decode_greedy(model, prompt, 8, 0.5)
+    assert len(set(loops[:, 0].tolist())) > 1, "exit depths in the batch should differ"
+    for b in range(3):
+        alone, alone_loops = decode_greedy(model, prompt[b:b + 1], 8, 0.5)
+        torch.testing.assert_close(logits[b:b + 1], alone, atol=1e-5, rtol=0)
+        assert torch.equal(loops[b:b + 1], alone_loops)
+
+
+@pytest.mark.parametrize("cache,threshold", [("loop", 1.0), ("shared", 1.0), ("shared", 0.5)])
+def test_fixed_shape_decode_step_equals_step(cache, threshold):
+    """step_fixed (the one-token step made to be compiled: position as a tensor, rows written with
+    index_put_, attention over the whole preallocated cache with later rows masked) gives the
+    logits and loops of step() at every position, for a batch of 3."""
+    model = tiny_model(cache=cache, n_loop=3)
+    prompt = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(9))
+    want, want_loops = decode_greedy(model, prompt, 8, threshold)
+    got, got_loops = decode_greedy(model, prompt, 8, threshold, model.decode_step_fixed())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(got_loops, want_loops)
+
+
+@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
+def test_compiled_decode_step_traces_once_and_matches_eager():
+    """The compiled fixed-shape step (sample.py --compile) equals the eager step and compiles once:
+    every later position runs the same graph (any recompile raises)."""
+    model = tiny_model(cache="shared", n_loop=2)
+    prompt = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(3))
+    want, _ = decode_greedy(model, prompt, 6, 1.0)
+    compiled = model.decode_step_fixed(compile=True)
+    decode_greedy(model, prompt, 1, 1.0, compiled)   # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, _ = decode_greedy(model, prompt, 6, 1.0, compiled)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 SAMPLE = os.path.join(HERE, "sample.py")

@@ -59,6 +59,7 @@ class TrainConfig:
     eval_interval: int = 250             # steps between evals (and checkpoints)
     eval_iters: int = 20                 # batches per eval split
     task_eval_n: int = 200               # reasoning dataset: problems per exact-match accuracy eval
+    answer_only: bool = False            # reasoning dataset: score only the answer digits (the token 2 after '?')
     log_interval: int = 10               # steps between progress-bar updates
     sample_tokens: int = 300             # tokens sampled at the end, at most the context (0: none)
     seed: int = 1337                     # fixes the init and the data order
@@ -148,11 +149,12 @@ class Batches:
     process with grad_accum=2 and two processes with grad_accum=1 see the same data, and a
     resumed run continues the same sequence. The data position is the step number."""
 
-    def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0):
+    def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0, answer_after=None):
         self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
                      for s in ("train", "val")}
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
         self.rank, self.world, self.seed = rank, world, seed
+        self.answer_after = answer_after   # a token id: keep only targets 2 tokens after it ('?x=' -> digit)
         for split, d in self.data.items():
             if len(d) <= block_size + 1:
                 raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
@@ -168,6 +170,10 @@ class Batches:
                 for i in starts[first:first + self.batch_size].tolist()]
         xy = torch.stack(rows)
         x, y = xy[:, :-1], xy[:, 1:]
+        if self.answer_after is not None:   # y[t] is the answer when x[t-2] is the marker
+            is_answer = torch.zeros_like(y, dtype=torch.bool)
+            is_answer[:, 2:] = x[:, :-2] == self.answer_after
+            y = y.masked_fill(~is_answer, -1)   # -1: ignored by every loss
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
@@ -375,7 +381,8 @@ def evaluate(model, batches, cfg, rt, alpha, step):
                 with rt.autocast:
                     logits, loss = model(x, y, alpha=alpha)
                 losses.append(loss.item())
-                ces.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)).item())
+                ces.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1),
+                                           ignore_index=-1).item())
         out[split] = rt.all_mean(sum(losses) / len(losses))
         out[split + "_ce"] = rt.all_mean(sum(ces) / len(ces))
     model.train()
@@ -491,7 +498,10 @@ class LMObjective(torch.nn.Module):
         lm = self.model.loss(out, y)
         if teacher_out is None:
             return lm, {}
-        kd = kd_loss(self.model.lm_head(out.hidden[-1]), teacher_out, self.cfg.kd_temperature)
+        s_logits, t_logits = self.model.lm_head(out.hidden[-1]), teacher_out
+        if self.cfg.answer_only:   # KD where the LM loss is: the answer positions
+            s_logits, t_logits = s_logits[y != -1], t_logits[y != -1]
+        kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature)
         return lm + self.cfg.kd_weight * kd, {"lm": lm.detach(), "kd": kd.detach()}
 
 
@@ -501,7 +511,11 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
 
     rt = Runtime(cfg)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
-    batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world, cfg.seed)
+    if cfg.answer_only and not meta.get("task"):
+        raise ConfigError(f"answer_only=True needs a reasoning dataset; {cfg.dataset!r} has no answers to score")
+    answer_after = load_tokenizer(meta).encode("?")[0] if cfg.answer_only else None
+    batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
+                      cfg.seed, answer_after)
     problems = task_problems(data_dir, meta, cfg.task_eval_n) if meta.get("task") else None
     objective = objective_cls(raw, cfg)
     step_fn = ddp = objective

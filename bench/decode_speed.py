@@ -4,17 +4,20 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py                 # headline: eager and compiled, every model
     python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
     python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length
-    python bench/decode_speed.py --profile       # where the LoopLM's compiled decode step spends its time
+    python bench/decode_speed.py --profile       # where the LoopLM's compiled (fixed-shape) decode step spends its time
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
 MELT with its learned gate, and MELT with the parameter-free gate=mean (the shared cache layout
-without the gate's two width x width matrices). "compiled" compiles only the one-token decode step
-(torch.compile, dynamic shapes), as gpt-fast does; prefill stays eager.
+without the gate's two width x width matrices). Three ways to run the one-token decode step
+(prefill stays eager in all): eager; MELT.step compiled with dynamic shapes (the attention reads
+the rows up to the position, a shape that grows); and MELT.step_fixed compiled, gpt-fast's design
+and what `sample.py --compile` uses (position as a tensor, attention over the whole preallocated
+cache with later rows masked: one graph for every position, CUDA-graph-ready on a GPU).
 
-This VM's speed drifts by up to 2x over minutes, so the models are timed in turn within each of
-5 rounds, and the table gives the median tok/s and the median of the per-round ratios to the
-LoopLM (a ratio compares two runs seconds apart).
+This VM's speed drifts by up to 2x over minutes, so in each of 5 rounds every model runs once in
+every mode, and the table gives the median tok/s and medians of per-round ratios (to the LoopLM
+in the same mode, and to the same model eager): a ratio compares runs seconds apart.
 """
 
 import os
@@ -81,8 +84,8 @@ def profile_step(model, tokens=20):
     """torch.profiler's tables for `tokens` one-token decode steps after a 64-token prompt, eager
     then compiled, with the number of tensor ops the eager step launches per token."""
     from torch.profiler import profile
-    compiled = torch.compile(model.step, dynamic=True)
-    decode_rate(model, 64, 8, compiled)                       # compile
+    compiled = model.decode_step_fixed(compile=True)
+    decode_rate(model, 64, 2 * tokens, compiled)   # compiles, for the cache length profiled below
     idx = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     for name, step in (("eager", model.step), ("compiled", compiled)):
         with torch.inference_mode():
@@ -99,12 +102,14 @@ def profile_step(model, tokens=20):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def rounds(models, steps, rounds=5):
-    """tok/s per model name, one list entry per round; models timed in turn in each round."""
-    rates = {name: [] for name in models}
+def rounds(models, modes, rounds=5):
+    """tok/s per (mode, model name), one list entry per round; in each round every model runs
+    once in every mode, so any two entries of a round were measured seconds apart."""
+    rates = {mode: {name: [] for name in models} for mode in modes}
     for _ in range(rounds):
-        for name, m in models.items():
-            rates[name].append(decode_rate(m, 64, 256, steps.get(name)))
+        for mode, steps in modes.items():
+            for name, m in models.items():
+                rates[mode][name].append(decode_rate(m, 64, 256, steps.get(name)))
     return rates
 
 
@@ -133,22 +138,24 @@ def main():
         print(f"{name}: its matrix-vector products alone run at {matvec_ceiling(m):.0f} tok/s", flush=True)
     modes = {"eager": {}}
     if "--no-compile" not in sys.argv:
-        compiled = {}
-        for name, m in models.items():
-            compiled[name] = torch.compile(m.step, dynamic=True)
-            t = time.perf_counter()
-            decode_rate(m, 64, 8, compiled[name])   # compiles (twice: prefill-shaped guards, then decode)
-            print(f"compiled {name}'s one-token step in {time.perf_counter() - t:.0f} s", flush=True)
-        modes["compiled one-token step"] = compiled
-    print("\n| model | mode | weights read per token | decode tok/s (median of 5) | range | / LoopLM (median) "
-          "| x the reference's ~38 tok/s |\n|---|---|---|---|---|---|---|")
-    for mode, steps in modes.items():
-        rates = rounds(models, steps)
-        for name, r in rates.items():
-            ratio = statistics.median(a / b for a, b in zip(r, rates["LoopLM"]))
+        for mode, make in (("compiled, dynamic shapes", lambda m: torch.compile(m.step, dynamic=True)),
+                           ("compiled, fixed shapes", lambda m: m.decode_step_fixed(compile=True))):
+            modes[mode] = {}
+            for name, m in models.items():
+                modes[mode][name] = make(m)
+                t = time.perf_counter()
+                decode_rate(m, 64, 256, modes[mode][name])   # compiles, at the cache length timed below
+                print(f"{mode}: compiled {name}'s one-token step in {time.perf_counter() - t:.0f} s", flush=True)
+    rates = rounds(models, modes)
+    ratio = lambda r, ref: statistics.median(a / b for a, b in zip(r, ref))   # median per-round ratio
+    print("\n| model | mode | weights read per token | decode tok/s (median of 5) | range | / LoopLM, same mode "
+          "| / eager, same model | x the reference's ~38 tok/s |\n|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for name, r in rates[mode].items():
             med = statistics.median(r)
             print(f"| {name} | {mode} | {weight_mb_per_token(models[name]):.1f} MB | {med:.1f} | "
-                  f"{min(r):.0f}-{max(r):.0f} | {ratio:.2f} | {med / 38:.1f}x |", flush=True)
+                  f"{min(r):.0f}-{max(r):.0f} | {ratio(r, rates[mode]['LoopLM']):.2f} | "
+                  f"{ratio(r, rates['eager'][name]):.2f} | {med / 38:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """
 Score a checkpoint the way it will be used: one JSON line with validation loss (cross-entropy of
-the logits generation uses), each loop's cross-entropy, the mean exit distribution, task accuracy
+the logits generation uses; on the answer digits only for a run trained with answer_only=True), each loop's cross-entropy, the mean exit distribution, task accuracy
 (reasoning data), KV-cache bytes per token, decode tokens/s and mean loops used.
 
     python bench/evaluate.py out-cpu/looplm/ckpt.pt
@@ -44,10 +44,13 @@ def main(argv):
     tcfg = ckpt["train_config"]
     data_dir = T.ensure_dataset(tcfg["dataset"])
     meta = T.load_meta(data_dir)
-    # seed 1337 whatever the run trained with: every model is scored on the same windows
-    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337)
+    # seed 1337 whatever the run trained with: every model is scored on the same windows; a run
+    # trained with answer_only=True is scored on the answer digits only, as it was trained
+    answer_after = T.load_tokenizer(meta).encode("?")[0] if tcfg.get("answer_only") else None
+    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337, answer_after=answer_after)
     losses, loop_ce, exit_p = [], [], []
-    ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                             ignore_index=-1).item()
     with torch.no_grad():
         for i in range(batches_n):
             x, y = batches.get("val", 10_000_000 + i, 0, torch.device("cpu"))
@@ -56,7 +59,8 @@ def main(argv):
             loop_ce.append([ce(lg, y) for lg in model.loop_logits(out)])
             exit_p.append(out.exit_probs.mean((1, 2)).tolist())
         mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
-        rec = dict(label=label, val_loss=sum(losses) / len(losses), loop_ce=mean(loop_ce), exit_p=mean(exit_p),
+        rec = dict(label=label, val_loss=sum(losses) / len(losses), scored="answers" if answer_after else "all tokens",
+                   loop_ce=mean(loop_ce), exit_p=mean(exit_p),
                    cache=model.config.cache,
                    gate=model.config.gate if model.config.cache == "shared" else None,
                    n_loops=n_loops or model.config.n_loop, exit_threshold=threshold)

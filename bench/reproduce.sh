@@ -117,4 +117,18 @@ ev "$H LoopLM" $OUT/$H/looplm/ckpt.pt
 ev "$H MELT phase 1+2" $OUT/$H/phase2/ckpt.pt
 for n in 1 2; do ev "$H LoopLM n_loops=$n" $OUT/$H/looplm/ckpt.pt --n_loops=$n; done
 
+# the same 1-hop task with the loss on the answer digits only (train.py --answer_only=True): with
+# the whole line scored, the answer is one token in ~30 and no model above learned it
+A=reasoning_h1_answers; AO="--dataset=$H --answer_only=True"
+run "$A/standard" train.py config/${P}_standard.py $AO --max_iters=1500
+run "$A/looplm" train.py config/${P}_looplm.py $AO --max_iters=1500
+run "$A/phase1" train.py config/${P}_transition.py $AO --init_from=$OUT/$A/looplm/ckpt.pt
+run "$A/phase2" distill.py config/${P}_distill.py $AO --teacher=$OUT/$A/looplm/ckpt.pt --init_from=$OUT/$A/phase1/ckpt.pt
+ev "$A standard" $OUT/$A/standard/ckpt.pt
+ev "$A LoopLM" $OUT/$A/looplm/ckpt.pt
+ev "$A MELT phase 1" $OUT/$A/phase1/ckpt.pt
+ev "$A MELT phase 1+2" $OUT/$A/phase2/ckpt.pt
+for g in last mean first; do ev "$A zero-shot gate=$g" $OUT/$A/looplm/ckpt.pt --cache=shared --gate=$g; done
+for n in 1 2 6 8; do ev "$A LoopLM n_loops=$n" $OUT/$A/looplm/ckpt.pt --n_loops=$n; done
+
 python bench/report.py "$OUT"
