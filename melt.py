@@ -17,6 +17,8 @@ Where things live (search for the tags):
     THE GATE          LatentGate.forward: z and the update of s
     THE CACHE LAYOUTS KVCache (preallocated, inference) and _History (autograd, training);
                       MELT._attend chooses which rows a layer reads at a loop
+    DECODING          MELT.step (prefill, and one token eagerly); MELT.step_fixed, the one-token
+                      step with fixed shapes that sample.py --compile compiles (gpt-fast style)
 """
 
 import json
@@ -283,6 +285,14 @@ class KVCache:
     def reset(self):
         self.pos = 0
         self.position.zero_()
+
+    def clone(self):
+        """An independent copy at the same position (e.g. to branch generation from one prompt)."""
+        dup = KVCache(self.layout, *self.k.shape, self.k.dtype, self.k.device)
+        dup.k.copy_(self.k)
+        dup.v.copy_(self.v)
+        dup.end_chunk(self.pos)
+        return dup
 
 
 class _FixedRows:
@@ -735,8 +745,8 @@ class MELT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None,
                         generator=None, n_loops=None, exit_threshold=None, decode_step=None):
         """Yield (next ids (B, 1), loops used per token (B,)) one step at a time: prefill the
-        prompt into the cache, then decode one token at a time reusing it. decode_step may be a
-        compiled version of self.step for the one-token case."""
+        prompt into the cache, then decode one token at a time reusing it. decode_step replaces
+        self.step for the one-token steps, e.g. decode_step_fixed(compile=True)."""
         B, T = idx.shape
         if T == 0:
             raise MeltError("empty prompt: give at least one token")

@@ -734,24 +734,21 @@ def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # adaptive depth and sample.py
 
-def copy_cache(c):
-    import copy
-    dup = copy.copy(c)
-    dup.k, dup.v = c.k.clone(), c.v.clone()
-    dup._k = [list(dup.k[i].unbind(0)) for i in range(dup.k.shape[0])]
-    dup._v = [list(dup.v[i].unbind(0)) for i in range(dup.v.shape[0])]
-    return dup
-
-
 def test_adaptive_exit_threshold_one_is_fixed_depth():
-    """exit_threshold=1.0 runs every loop for every token: same tokens as the fixed-depth
-    default, and loops used = n_loop."""
-    model = tiny_model(cache="shared", n_loop=3)
+    """exit_threshold=1.0 runs every loop for every token, whatever the config's default (0.4
+    here): loops used = n_loop, and the greedy tokens are those of the naive fixed-depth
+    definition (prompt chunks, then one chunk per generated token)."""
+    model = tiny_model(cache="shared", n_loop=3, exit_threshold=0.4)
     prompt = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(9))
-    fixed = model.generate(prompt, 8, temperature=0)
     steps = list(model.generate_stream(prompt, 8, temperature=0, exit_threshold=1.0))
-    assert torch.equal(torch.cat([prompt, *[t for t, _ in steps]], 1), fixed)
     assert all(int(u) == 3 for _, u in steps)
+    seq = prompt
+    for _ in range(8):
+        bounds = chunks(6, 4) + [(t, t + 1) for t in range(6, seq.shape[1])]
+        seq = torch.cat([seq, naive_logits(model, seq, bounds)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(torch.cat([prompt, *[t for t, _ in steps]], 1), seq)
+    default = list(model.generate_stream(prompt, 8, temperature=0))   # the config's 0.4: fewer loops
+    assert sum(int(u) for _, u in default) < 3 * 8
 
 
 def test_adaptive_exit_saves_loops_at_constant_cache():
@@ -767,7 +764,7 @@ def test_adaptive_exit_saves_loops_at_constant_cache():
         loops = []
         tok = logits.argmax(-1, keepdim=True)
         for _ in range(8):
-            before = copy_cache(cache)
+            before = cache.clone()
             logits, used = model.step(tok, cache, exit_threshold=0.4)
             e = int(used[0, -1])
             loops.append(e)

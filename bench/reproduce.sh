@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
 #   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about two hours
-#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~25 min less)
+#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~35 min less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
 # line per evaluation) and $OUT/times.tsv (wall seconds per run); bench/report.py turns them
@@ -87,6 +87,18 @@ for s in ${SEEDS-1 2}; do
   ev "$d standard seed=$s" $D/standard_s$s/ckpt.pt
   ev "$d LoopLM seed=$s" $D/looplm_s$s/ckpt.pt
   ev "$d MELT phase 1+2 seed=$s" $D/phase2_s$s/ckpt.pt
+done
+# the same seeds for the two ablations whose effect is small: no interpolation and no alignment,
+# each from its seed's teacher (and phase 1), so that it compares with MELT of the same seed
+for s in ${SEEDS-1 2}; do
+  run "$d/phase1_nointerp_s$s" train.py config/${P}_transition.py --init_from=$D/looplm_s$s/ckpt.pt \
+      --alpha_steps=0 --seed=$s
+  run "$d/phase2_nointerp_s$s" distill.py config/${P}_distill.py --teacher=$D/looplm_s$s/ckpt.pt \
+      --init_from=$D/phase1_nointerp_s$s/ckpt.pt --seed=$s
+  run "$d/phase2_noalign_s$s" distill.py config/${P}_distill.py --teacher=$D/looplm_s$s/ckpt.pt \
+      --init_from=$D/phase1_s$s/ckpt.pt --beta=0 --seed=$s
+  ev "$d MELT no interpolation seed=$s" $D/phase2_nointerp_s$s/ckpt.pt
+  ev "$d MELT no alignment (beta=0) seed=$s" $D/phase2_noalign_s$s/ckpt.pt
 done
 
 # the chunk's share of the context: the paper trains 500-token chunks of 10,000-token sequences
