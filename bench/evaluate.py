@@ -1,7 +1,8 @@
 """
 Score a checkpoint the way it will be used: one JSON line with validation loss (cross-entropy of
-the logits generation uses; on the answer digits only for a run trained with answer_only=True), each loop's cross-entropy, the mean exit distribution, task accuracy
-(reasoning data), KV-cache bytes per token, decode tokens/s and mean loops used.
+the logits generation uses; on the answer digits only for a run trained with answer_only=True),
+each loop's cross-entropy, the mean exit distribution, task accuracy (reasoning data), KV-cache
+bytes per token, decode tokens/s and mean loops used.
 
     python bench/evaluate.py out-cpu/looplm/ckpt.pt
     python bench/evaluate.py out-cpu/looplm/ckpt.pt --cache=shared --gate=last     # zero-shot sharing

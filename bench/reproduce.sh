@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about two hours
-#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~35 min less)
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about three hours
+#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~1 hour less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
 # line per evaluation) and $OUT/times.tsv (wall seconds per run); bench/report.py turns them
@@ -99,6 +99,16 @@ for s in ${SEEDS-1 2}; do
       --init_from=$D/phase1_s$s/ckpt.pt --beta=0 --seed=$s
   ev "$d MELT no interpolation seed=$s" $D/phase2_nointerp_s$s/ckpt.pt
   ev "$d MELT no alignment (beta=0) seed=$s" $D/phase2_noalign_s$s/ckpt.pt
+done
+# and for the scalar gate and the chunk sizes
+for s in ${SEEDS-1 2}; do
+  for v in scalar chunk8 chunk128; do
+    case $v in scalar) a="--gate=scalar";; chunk8) a="--chunk_size=8";; chunk128) a="--chunk_size=128";; esac
+    run "$d/phase1_${v}_s$s" train.py config/${P}_transition.py --init_from=$D/looplm_s$s/ckpt.pt $a --seed=$s
+    run "$d/phase2_${v}_s$s" distill.py config/${P}_distill.py --teacher=$D/looplm_s$s/ckpt.pt \
+        --init_from=$D/phase1_${v}_s$s/ckpt.pt $a --seed=$s
+    ev "$d MELT $v seed=$s" $D/phase2_${v}_s$s/ckpt.pt
+  done
 done
 
 # the chunk's share of the context: the paper trains 500-token chunks of 10,000-token sequences
