@@ -578,15 +578,10 @@ class MELT(nn.Module):
         """
         cfg = self.config
         B, T = idx.shape
-        R = cfg.n_loop if n_loops is None else n_loops
+        R, q = self._depth(n_loops, exit_threshold)
         alpha = 1.0 if alpha is None else float(alpha)
-        q = cfg.exit_threshold if exit_threshold is None else float(exit_threshold)
-        if R < 1:
-            raise MeltError(f"n_loops={R} must be >= 1")
         if not 0.0 <= alpha <= 1.0:
             raise MeltError(f"alpha={alpha} must be in [0, 1]")
-        if not 0.0 < q <= 1.0:
-            raise MeltError(f"exit_threshold={q} must be in (0, 1]")
         shared = cfg.cache == "shared"
         store = _History() if cache is None else cache
         if cache is not None:
@@ -620,6 +615,16 @@ class MELT(nn.Module):
         choice = exit_choice(exit_probs, threshold)                            # (B, T)
         selected = hidden.gather(0, choice[None, :, :, None].expand(1, *hidden.shape[1:])).squeeze(0)
         return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
+
+    def _depth(self, n_loops, exit_threshold):
+        """(loops to run, exit threshold): the arguments or the config's defaults, checked."""
+        R = self.config.n_loop if n_loops is None else n_loops
+        q = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+        if R < 1:
+            raise MeltError(f"n_loops={R} must be >= 1")
+        if not 0.0 < q <= 1.0:
+            raise MeltError(f"exit_threshold={q} must be in (0, 1]")
+        return R, q
 
     def _check_cache(self, cache, B, T, R, alpha):
         cfg = self.config
@@ -705,8 +710,7 @@ class MELT(nn.Module):
         numbers as step(idx, cache); nothing depends on the position as a Python number, so
         torch.compile traces it once and a GPU can replay it as a CUDA graph. It does not
         advance the cache: use decode_step_fixed(), which does."""
-        R = self.config.n_loop if n_loops is None else n_loops
-        q = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+        R, q = self._depth(n_loops, exit_threshold)
         store = _FixedRows(cache_k, cache_v, position)
         hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, q, False)
         out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, q)
@@ -723,10 +727,7 @@ class MELT(nn.Module):
             fn = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
 
         def decode_step(idx, cache, n_loops=None, exit_threshold=None):
-            R = self.config.n_loop if n_loops is None else n_loops
-            q = self.config.exit_threshold if exit_threshold is None else float(exit_threshold)
-            if R < 1 or not 0.0 < q <= 1.0:
-                raise MeltError(f"need n_loops >= 1 and exit_threshold in (0, 1]; got {R}, {q}")
+            R, q = self._depth(n_loops, exit_threshold)   # checked here, outside the compiled graph
             self._check_cache(cache, idx.shape[0], 1, R, 1.0)
             if idx.shape[1] != 1:
                 raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
@@ -734,7 +735,7 @@ class MELT(nn.Module):
                 torch._dynamo.mark_static_address(cache.k)   # the graph writes these in place
                 torch._dynamo.mark_static_address(cache.v)
                 torch.compiler.cudagraph_mark_step_begin()
-            logits, used = fn(idx, cache.k, cache.v, cache.position, n_loops, exit_threshold)
+            logits, used = fn(idx, cache.k, cache.v, cache.position, R, q)
             cache.end_chunk(1)
             if cuda_graphs:   # a CUDA graph's outputs are overwritten by its next replay
                 logits, used = logits.clone(), used.clone()

@@ -179,6 +179,22 @@ class Batches:
         return x.to(device), y.to(device)
 
 
+def answer_marker(meta, answer_only, dataset):
+    """The token id that Batches(answer_after=...) keys on: '?', two tokens before each answer
+    digit of the reasoning task; None unless answer_only."""
+    if not answer_only:
+        return None
+    if not meta.get("task"):
+        raise ConfigError(f"answer_only=True needs a reasoning dataset; {dataset!r} has no answers to score")
+    return load_tokenizer(meta).encode("?")[0]
+
+
+def scored_positions(logits, y):
+    """logits (..., B, T, V) at the positions whose target is scored (not -1) -> (..., N, V):
+    with answer_only, KD is taken where the LM loss is."""
+    return logits[..., y != -1, :]
+
+
 def load_meta(data_dir):
     with open(os.path.join(data_dir, "meta.json")) as f:
         return json.load(f)
@@ -499,8 +515,8 @@ class LMObjective(torch.nn.Module):
         if teacher_out is None:
             return lm, {}
         s_logits, t_logits = self.model.lm_head(out.hidden[-1]), teacher_out
-        if self.cfg.answer_only:   # KD where the LM loss is: the answer positions
-            s_logits, t_logits = s_logits[y != -1], t_logits[y != -1]
+        if self.cfg.answer_only:
+            s_logits, t_logits = scored_positions(s_logits, y), scored_positions(t_logits, y)
         kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature)
         return lm + self.cfg.kd_weight * kd, {"lm": lm.detach(), "kd": kd.detach()}
 
@@ -511,11 +527,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
 
     rt = Runtime(cfg)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
-    if cfg.answer_only and not meta.get("task"):
-        raise ConfigError(f"answer_only=True needs a reasoning dataset; {cfg.dataset!r} has no answers to score")
-    answer_after = load_tokenizer(meta).encode("?")[0] if cfg.answer_only else None
     batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
-                      cfg.seed, answer_after)
+                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset))
     problems = task_problems(data_dir, meta, cfg.task_eval_n) if meta.get("task") else None
     objective = objective_cls(raw, cfg)
     step_fn = ddp = objective

@@ -47,7 +47,7 @@ def main(argv):
     meta = T.load_meta(data_dir)
     # seed 1337 whatever the run trained with: every model is scored on the same windows; a run
     # trained with answer_only=True is scored on the answer digits only, as it was trained
-    answer_after = T.load_tokenizer(meta).encode("?")[0] if tcfg.get("answer_only") else None
+    answer_after = T.answer_marker(meta, tcfg.get("answer_only", False), tcfg["dataset"])
     batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337, answer_after=answer_after)
     losses, loop_ce, exit_p = [], [], []
     ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
@@ -60,7 +60,7 @@ def main(argv):
             loop_ce.append([ce(lg, y) for lg in model.loop_logits(out)])
             exit_p.append(out.exit_probs.mean((1, 2)).tolist())
         mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
-        rec = dict(label=label, val_loss=sum(losses) / len(losses), scored="answers" if answer_after else "all tokens",
+        rec = dict(label=label, val_loss=sum(losses) / len(losses), scored="all tokens" if answer_after is None else "answers",
                    loop_ce=mean(loop_ce), exit_p=mean(exit_p),
                    cache=model.config.cache,
                    gate=model.config.gate if model.config.cache == "shared" else None,
