@@ -37,15 +37,19 @@ MODELS = {"LoopLM": dict(cache="loop"), "MELT": dict(cache="shared"), "MELT gate
 def decode_rate(model, prompt_len, new_tokens, step=None, repeats=1):
     """Best tokens/s over `repeats` generations of new_tokens after a random prompt, counting the
     decode steps only (the prefill and the first token are excluded)."""
+    device = model.lm_head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)   # GPU work is asynchronous
     idx = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     best = 0.0
     with torch.inference_mode():
         for _ in range(repeats):
             cache = model.new_cache(1, prompt_len + new_tokens)
-            stream = model.generate_stream(idx, new_tokens, temperature=0, cache=cache, decode_step=step)
+            stream = model.generate_stream(idx.to(device), new_tokens, temperature=0, cache=cache, decode_step=step)
             next(stream)                      # prefill and the first token
+            sync()
             t = time.perf_counter()
             n = sum(1 for _ in stream)        # the rest: one decode step each
+            sync()
             best = max(best, n / (time.perf_counter() - t))
     return best
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything we check on a lent GPU, in one call of under 10 minutes (a lent GPU's time is short):
+#   bash bench/gpu_check.sh          # logs and tables in $OUT (default out-gpu-check/)
+# 1. bench/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
+#    CUDA graphs, the card's bf16 matrix rate.
+# 2. The one-GPU configs of bench/reproduce.sh (GPU=1), shortened, as a user runs them (bf16,
+#    torch.compile): the LoopLM teacher, MELT's phase 1 and phase 2, then sample.py --compile on
+#    the result. Their train tok/s and MFU give the time the full GPU runs would take.
+# Each part gets at most its share of the time left; a part cut off is reported as such.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+O=${OUT:-out-gpu-check}
+R=${RUNS:-$O/runs}   # checkpoints (large: keep them out of a folder whose files you copy back)
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-540}   # seconds for the whole script
+part() {   # part NAME CAP COMMAND...: run with a timeout of min(CAP, time left), log to $O/NAME.txt
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - SECONDS )); local t=$(( cap < left ? cap : left ))
+  if (( t < 10 )); then echo "== $name: skipped, no time left"; return; fi
+  echo "== $name (at most $t s): $*"
+  local t0=$SECONDS
+  timeout "$t" "$@" > >(tr '\r' '\n' > "$O/$name.txt") 2>&1
+  local rc=$?
+  sleep 1
+  echo "== $name: exit $rc after $(( SECONDS - t0 )) s$( (( rc == 124 )) && echo ' (cut off)')"
+  grep -E '^\||TFLOP|final:|stats:|model:|error|Error|skipping cudagraphs' "$O/$name.txt" | tail -30
+  # the last progress line: train tok/s and MFU once compiled
+  grep -E 'tok_s' "$O/$name.txt" | tail -1 | cut -c1-400
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$O/gpu.txt"
+part decode 220 python bench/gpu_check.py
+part looplm 120 python train.py config/gpu_looplm.py --max_iters=200 --eval_interval=200 --eval_iters=5 \
+    --log_interval=25 --sample_tokens=0 --out_dir="$R/looplm"
+part phase1 150 python train.py config/gpu_transition.py --init_from="$R/looplm/ckpt.pt" --max_iters=60 \
+    --alpha_steps=60 --eval_interval=60 --eval_iters=5 --log_interval=10 --sample_tokens=0 --out_dir="$R/phase1"
+part phase2 100 python distill.py config/gpu_distill.py --teacher="$R/looplm/ckpt.pt" \
+    --init_from="$R/phase1/ckpt.pt" --max_iters=40 --eval_interval=40 --eval_iters=5 --log_interval=10 \
+    --out_dir="$R/phase2"
+part sample 40 python sample.py --init_from="$R/phase2/ckpt.pt" --compile=True --max_new_tokens=200 --stream=False
+echo "total $SECONDS s"
