@@ -856,6 +856,21 @@ def test_sample_on_ouro_fixture_reports_real_cache_bytes():
     assert f"KV cache {expect // 3:,} bytes (shared)" in shared.stdout
 
 
+@pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"), reason="inductor needs a C++ compiler")
+def test_sample_compile_gives_the_same_text_and_times_the_compile_apart():
+    """sample.py --compile (the compiled fixed-shape decode step) prints the same greedy text as
+    the eager sampler, and its stats line gives the compile of the first decode step apart from
+    the decode rate (it is not a decode speed)."""
+    args = [f"--init_from={OURO_TINY}", "--start=First Citizen:", "--max_new_tokens=12", "--temperature=0",
+            "--device=cpu", "--stream=False"]
+    eager, compiled = run_sample(*args), run_sample(*args, "--compile=True")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    text = lambda out: out.split("-" * 40)[0]
+    assert text(compiled.stdout) == text(eager.stdout) and len(text(eager.stdout)) > len("First Citizen:")
+    assert "s compiling the decode step" in compiled.stdout.splitlines()[-1]
+    assert "compiling" not in eager.stdout.splitlines()[-1]
+
+
 def test_sample_bad_inputs(tmp_path):
     """Prompt longer than the context, empty prompt, top_k < 1, negative temperature,
     exit_threshold outside (0, 1] and a file that is not a checkpoint each give one error line."""

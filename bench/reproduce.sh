@@ -153,4 +153,12 @@ ev "$A MELT phase 1+2" $OUT/$A/phase2/ckpt.pt
 for g in last mean first; do ev "$A zero-shot gate=$g" $OUT/$A/looplm/ckpt.pt --cache=shared --gate=$g; done
 for n in 1 2 6 8; do ev "$A LoopLM n_loops=$n" $OUT/$A/looplm/ckpt.pt --n_loops=$n; done
 
+# the same answer-only task trained 4x as long (6,000 steps): one lookup takes about two
+# attention layers, so the 2-layer standard model cannot chain two; 2 layers x 4 loops could
+A6=reasoning_h1_answers_6000
+run "$A6/standard" train.py config/${P}_standard.py $AO --max_iters=6000 --eval_interval=1000
+run "$A6/looplm" train.py config/${P}_looplm.py $AO --max_iters=6000 --eval_interval=1000
+ev "$A6 standard" $OUT/$A6/standard/ckpt.pt
+ev "$A6 LoopLM" $OUT/$A6/looplm/ckpt.pt
+
 python bench/report.py "$OUT"
