@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything we check on a lent GPU, in one call of under 10 minutes (a lent GPU's time is short):
 #   bash bench/gpu_check.sh                    # decode and train; logs and tables in $OUT (default out-gpu-check/)
-#   COMPILE=False bash bench/gpu_check.sh train train-compiled   # training eager, then phase 1 compiled
+#   COMPILE=False bash bench/gpu_check.sh train train-compiled   # training all eager, then phase 1 compiled
 # 1. bench/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
 #    CUDA graphs, the card's bf16 matrix rate.
 # 2. The one-GPU configs of bench/reproduce.sh (GPU=1), shortened, as a user runs them (bf16,
-#    torch.compile): the LoopLM teacher, MELT's phase 1 and phase 2, then sample.py --compile on
-#    the result. Their train tok/s and MFU give the time the full GPU runs would take.
+#    compiled where the config says so, or as COMPILE says): the LoopLM teacher, MELT's phase 1
+#    and phase 2, then sample.py --compile on the result. Their train tok/s and MFU give the time the full GPU runs would take.
 # Each part gets at most its share of the time left; a part cut off is reported as such.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,21 +31,21 @@ part() {   # part NAME CAP COMMAND...: run with a timeout of min(CAP, time left)
 }
 
 WHAT=${*:-decode train}   # parts: decode, train, train-compiled (phase 1 compiled after an eager train)
-C=${COMPILE:-True}       # train: torch.compile as the configs say (True), or eager (False)
+C=${COMPILE:+--compile=$COMPILE}   # train: unset, as each config says; True / False for all runs
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$O/gpu.txt"
 for w in $WHAT; do case $w in
 decode)
   part decode 220 python bench/gpu_check.py ;;
 train)
   part looplm 120 python train.py config/gpu_looplm.py --max_iters=100 --eval_interval=100 --eval_iters=5 \
-      --log_interval=20 --sample_tokens=0 --compile=$C --out_dir="$R/looplm"
+      --log_interval=20 --sample_tokens=0 $C --out_dir="$R/looplm"
   part phase1 150 python train.py config/gpu_transition.py --init_from="$R/looplm/ckpt.pt" --max_iters=40 \
-      --alpha_steps=40 --eval_interval=40 --eval_iters=5 --log_interval=10 --sample_tokens=0 --compile=$C \
+      --alpha_steps=40 --eval_interval=40 --eval_iters=5 --log_interval=10 --sample_tokens=0 $C \
       --out_dir="$R/phase1"
   part phase2 100 python distill.py config/gpu_distill.py --teacher="$R/looplm/ckpt.pt" \
       --init_from="$R/phase1/ckpt.pt" --max_iters=30 --eval_interval=30 --eval_iters=5 --log_interval=10 \
-      --compile=$C --out_dir="$R/phase2"
-  part sample 40 python sample.py --init_from="$R/phase2/ckpt.pt" --compile=True --max_new_tokens=200 --stream=False ;;
+      $C --out_dir="$R/phase2"
+  part sample 120 python sample.py --init_from="$R/phase2/ckpt.pt" --compile=True --max_new_tokens=200 --stream=False ;;
 train-compiled)   # how long the chunk-wise transition takes to compile, and its speed after
   part phase1_compiled 400 python train.py config/gpu_transition.py --init_from="$R/looplm/ckpt.pt" \
       --max_iters=40 --alpha_steps=40 --eval_interval=40 --eval_iters=5 --log_interval=10 --sample_tokens=0 \
