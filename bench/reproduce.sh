@@ -161,4 +161,11 @@ run "$A6/looplm" train.py config/${P}_looplm.py $AO --max_iters=6000 --eval_inte
 ev "$A6 standard" $OUT/$A6/standard/ckpt.pt
 ev "$A6 LoopLM" $OUT/$A6/looplm/ckpt.pt
 
+# the diagnostic below those: 0 hops ('?x=' needs only 'x=5'), one lookup, standard model
+[ -f data/reasoning_h0/meta.json ] || python data/prepare.py --name=reasoning_h0 --hops=0
+A0=reasoning_h0_answers
+run "$A0/standard" train.py config/${P}_standard.py --dataset=reasoning_h0 --answer_only=True \
+    --max_iters=3000 --eval_interval=500
+ev "$A0 standard" $OUT/$A0/standard/ckpt.pt
+
 python bench/report.py "$OUT"
