@@ -167,5 +167,8 @@ A0=reasoning_h0_answers
 run "$A0/standard" train.py config/${P}_standard.py --dataset=reasoning_h0 --answer_only=True \
     --max_iters=3000 --eval_interval=500
 ev "$A0 standard" $OUT/$A0/standard/ckpt.pt
+run "${A0}_12000/standard" train.py config/${P}_standard.py --dataset=reasoning_h0 --answer_only=True \
+    --max_iters=12000 --eval_interval=2000
+ev "${A0}_12000 standard" $OUT/${A0}_12000/standard/ckpt.pt
 
 python bench/report.py "$OUT"
