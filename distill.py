@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import train as T
 from melt import MELT
@@ -162,8 +161,7 @@ class DistillObjective(torch.nn.Module):
                 _, parts = self.forward(x, y, alpha, t_out)
                 if self._teacher_val is None:
                     t_logits, _ = teacher(x)
-                    t_loss.append(F.cross_entropy(t_logits.float().view(-1, t_logits.shape[-1]), y.reshape(-1),
-                                                  ignore_index=-1).item())
+                    t_loss.append(T.token_ce(t_logits, y).item())
             kd.append(parts["kd"].item())
             align.append(parts["align"].item())
         if self._teacher_val is None:

@@ -189,6 +189,12 @@ def answer_marker(meta, answer_only, dataset):
     return load_tokenizer(meta).encode("?")[0]
 
 
+def token_ce(logits, y):
+    """Mean cross-entropy of logits (..., V) against targets y (...), in float32; targets of -1
+    (not scored, answer_only) are left out. What every eval reports as a cross-entropy."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1)
+
+
 def scored_positions(logits, y):
     """logits (..., B, T, V) at the positions whose target is scored (not -1) -> (..., N, V):
     with answer_only, KD is taken where the LM loss is."""
@@ -397,8 +403,7 @@ def evaluate(model, batches, cfg, rt, alpha, step):
                 with rt.autocast:
                     logits, loss = model(x, y, alpha=alpha)
                 losses.append(loss.item())
-                ces.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1),
-                                           ignore_index=-1).item())
+                ces.append(token_ce(logits, y).item())
         out[split] = rt.all_mean(sum(losses) / len(losses))
         out[split + "_ce"] = rt.all_mean(sum(ces) / len(ces))
     model.train()

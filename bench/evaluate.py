@@ -50,8 +50,7 @@ def main(argv):
     answer_after = T.answer_marker(meta, tcfg.get("answer_only", False), tcfg["dataset"])
     batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337, answer_after=answer_after)
     losses, loop_ce, exit_p = [], [], []
-    ce = lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                             ignore_index=-1).item()
+    ce = lambda logits, y: T.token_ce(logits, y).item()
     with torch.no_grad():
         for i in range(batches_n):
             x, y = batches.get("val", 10_000_000 + i, 0, torch.device("cpu"))
