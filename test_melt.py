@@ -643,6 +643,37 @@ def test_reasoning_answers_follow_the_chain():
             assert var == answer and depth == hops + 1  # hops links + the digit
 
 
+def test_all_queries_lines_answer_every_variable_and_eval_asks_the_first(tmp_path):
+    """data/prepare.py --all_queries=1: every variable of a line is asked once, each answer is
+    what resolving the line's assignments gives, the first question is the one the plain line
+    asks (same statements, same answer for the same random state), and the accuracy eval
+    (train.task_problems) takes that first question, for plain lines and these alike."""
+    import random
+    for hops in (0, 1, 3):
+        for seed in range(30):
+            prompt, rest = prepare.chain_problem(random.Random(seed), hops, all_queries=True)
+            assert (prompt, rest[0]) == prepare.chain_problem(random.Random(seed), hops)
+            stmts = dict(s.split("=") for s in prompt.split("?")[0].split(";")[:-1])
+            questions = [q.split("=") for q in (prompt.split(";")[-1] + rest).split(";")]   # ['?x', '5']
+            assert sorted(q[1:] for q, _ in questions) == sorted(stmts)
+            for q, answer in questions:
+                var = q[1:]
+                while not var.isdigit():
+                    var = stmts[var]
+                assert var == answer
+    for all_queries in (False, True):
+        d = tmp_path / str(all_queries)
+        prepare.prepare_reasoning(str(d), hops=2, n_train=100, n_val=20, all_queries=all_queries)
+        meta = trainer.load_meta(str(d))
+        chars = meta["chars"]
+        lines = "".join(chars[i] for i in np.fromfile(d / "val.bin", dtype=np.uint16)).split("\n")[:-1]
+        problems = trainer.task_problems(str(d), meta, 10)
+        assert len(problems) == 10
+        for (p, a), line in zip(problems, lines):
+            text = "".join(chars[i] for i in p)
+            assert text == "\n" + line[:line.index("?") + 3] and chars[a] == line[line.index("?") + 3]
+
+
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer
     digits (found here from the text: the character after '?<var>='), the rest are -1, and the

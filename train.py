@@ -411,14 +411,15 @@ def evaluate(model, batches, cfg, rt, alpha, step):
 
 
 def task_problems(data_dir, meta, n):
-    """The first n reasoning problems of val.bin as (prompt ids, answer id)."""
+    """The first n reasoning problems of val.bin as (prompt ids, answer id): each line's first question."""
     tok = load_tokenizer(meta)
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     text = tok.decode(val[: 64 * (n + 1)].tolist())
     problems = []
     for line in text.split("\n")[:n]:
         if "?" in line and line.endswith("."):
-            prompt, answer = line[:-2], line[-2]
+            i = line.index("?")   # the line's first question ('?x=' then the digit); all_queries lines ask more after it
+            prompt, answer = line[:i + 3], line[i + 3]
             problems.append((tok.encode("\n" + prompt), tok.encode(answer)[0]))
     return problems
 

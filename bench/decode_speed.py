@@ -129,13 +129,22 @@ def main():
     if "--contexts" in sys.argv:
         # Per token and loop both layouts read `context` rows per layer; what differs is how much
         # distinct memory those reads span (LoopLM: n_loop slots, MELT: one), i.e. the cache size.
-        print("\n| context | LoopLM tok/s | MELT tok/s | MELT / LoopLM | KV cache MiB: LoopLM / MELT |")
-        print("|---|---|---|---|---|")
+        # In 3 rounds, LoopLM and MELT one after the other at each length (which goes first
+        # alternates): the ratio is the median of per-round ratios of runs seconds apart.
         pair = {"loop": models["LoopLM"], "shared": models["MELT"]}
-        for ctx in (64, 1024, 2048, 4096):
-            r = {c: decode_rate(m, ctx, 32 if ctx > 64 else 128, repeats=2) for c, m in pair.items()}
+        contexts = (64, 1024, 2048, 4096)
+        r = {(ctx, c): [] for ctx in contexts for c in pair}
+        for i in range(3):
+            for ctx in contexts:
+                for c in (("loop", "shared") if i % 2 == 0 else ("shared", "loop")):
+                    r[ctx, c].append(decode_rate(pair[c], ctx, 32 if ctx > 64 else 128))
+        print("\n| context | LoopLM tok/s (median of 3) | MELT tok/s | MELT / LoopLM (median of per-round ratios, range) "
+              "| KV cache MiB: LoopLM / MELT |\n|---|---|---|---|---|")
+        for ctx in contexts:
+            ratios = [a / b for a, b in zip(r[ctx, "shared"], r[ctx, "loop"])]
             mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in pair.items()}
-            print(f"| {ctx} | {r['loop']:.1f} | {r['shared']:.1f} | {r['shared'] / r['loop']:.2f} | "
+            print(f"| {ctx} | {statistics.median(r[ctx, 'loop']):.1f} | {statistics.median(r[ctx, 'shared']):.1f} | "
+                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
                   f"{mib['loop']:g} / {mib['shared']:g} |", flush=True)
         return
     for name, m in models.items():

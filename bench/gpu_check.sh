@@ -2,6 +2,8 @@
 # Everything we check on a lent GPU, in one call of under 10 minutes (a lent GPU's time is short):
 #   bash bench/gpu_check.sh                    # decode and train; logs and tables in $OUT (default out-gpu-check/)
 #   COMPILE=False bash bench/gpu_check.sh train train-compiled   # training all eager, then phase 1 compiled
+#   bash bench/gpu_check.sh train reasoning      # ... then the reasoning sweep (12 small runs at once)
+#   bash bench/gpu_check.sh reasoning-batch      # the reasoning task at batch 256, every variable asked
 # 1. bench/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
 #    CUDA graphs, the card's bf16 matrix rate.
 # 2. The one-GPU configs of bench/reproduce.sh (GPU=1), shortened, as a user runs them (bf16,
@@ -50,6 +52,65 @@ train-compiled)   # how long the chunk-wise transition takes to compile, and its
   part phase1_compiled 400 python train.py config/gpu_transition.py --init_from="$R/looplm/ckpt.pt" \
       --max_iters=40 --alpha_steps=40 --eval_interval=40 --eval_iters=5 --log_interval=10 --sample_tokens=0 \
       --compile=True --out_dir="$R/phase1_compiled" ;;
+reasoning)   # which small models learn the lookup tasks: many short runs at once (the GPU is mostly idle
+  # for these sizes), answer-only loss, task accuracy every 500 steps in each run's log.jsonl; with
+  # sample.py --compile on the phase-2 checkpoint of `train` beside them (its timing is not clean)
+  for h in 0 1; do [ -f data/reasoning_h${h}_big/meta.json ] || \
+      python data/prepare.py --name=reasoning_h${h}_big --hops=$h --n_train=400000; done
+  left=$(( BUDGET - SECONDS - 15 ))
+  [ -f "$R/phase2/ckpt.pt" ] && timeout $(( left < 200 ? left : 200 )) python sample.py \
+      --init_from="$R/phase2/ckpt.pt" --compile=True --max_new_tokens=200 --stream=False > "$O/sample_compile.txt" 2>&1 &
+  rs() {   # rs NAME DATA CONFIG ARGS...
+    local n=$1 d=$2 c=$3; shift 3
+    ( timeout $left python train.py config/$c.py --dataset=$d --answer_only=True --eval_interval=500 --eval_iters=5 \
+        --log_interval=100 --sample_tokens=0 --compile=False "$@" --out_dir="$R/rs/$n" > "$R/rs_$n.txt" 2>&1 ) &
+  }
+  H0=reasoning_h0_big; H1=reasoning_h1_big
+  rs h0_std_b16 $H0 cpu_standard --max_iters=3000
+  rs h0_std_b64 $H0 cpu_standard --max_iters=3000 --batch_size=64
+  rs h0_std_b64_lr1e-3 $H0 cpu_standard --max_iters=3000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
+  rs h0_std_b64_l4 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
+  rs h0_std_b64_w256 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_embd=256
+  rs h0_std_b64_fullloss $H0 cpu_standard --max_iters=3000 --batch_size=64 --answer_only=False
+  rs h0_std_8x512 $H0 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
+  rs h1_std_b64 $H1 cpu_standard --max_iters=3000 --batch_size=64
+  rs h1_std_b64_l4 $H1 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
+  rs h1_loop_b64 $H1 cpu_looplm --max_iters=2000 --batch_size=64
+  rs h1_loop_b64_lr1e-3 $H1 cpu_looplm --max_iters=2000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
+  rs h1_std_8x512 $H1 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
+  wait
+  for f in "$R"/rs/*/log.jsonl; do
+    echo "rs_$(basename "$(dirname "$f")"): $(python -c "import json,sys; print(' '.join(str(json.loads(l).get('task_acc')) for l in open(sys.argv[1])))" "$f")"
+  done
+  tar czf "$O/reasoning.tgz" -C "$R" $(cd "$R" && ls rs_*.txt rs/*/log.jsonl 2>/dev/null)   # a lent GPU returns at most 8 files
+  grep -E 'stats|compil|error|Error' "$O/sample_compile.txt" | tail -5 ;;
+reasoning-batch)   # the same question with 4x the batch (256 x 128 tokens) and every variable of a line
+  # asked (data/prepare.py --all_queries=1: questions of every depth, a curriculum inside the data)
+  for h in 0 1 2; do [ -f data/reasoning_h${h}_aq/meta.json ] || \
+      python data/prepare.py --name=reasoning_h${h}_aq --hops=$h --all_queries=1 --n_train=200000; done
+  [ -f data/reasoning_h0_big/meta.json ] || python data/prepare.py --name=reasoning_h0_big --hops=0 --n_train=400000
+  left=$(( BUDGET - SECONDS - 25 ))
+  rb() {   # rb NAME DATA CONFIG ARGS...
+    local n=$1 d=$2 c=$3; shift 3
+    ( timeout $left python train.py config/$c.py --dataset=$d --answer_only=True --batch_size=256 \
+        --eval_interval=500 --eval_iters=5 --log_interval=100 --sample_tokens=0 --compile=False "$@" \
+        --out_dir="$R/rb/$n" > "$R/rb_$n.txt" 2>&1 ) &
+  }
+  rb q0_std reasoning_h0_big cpu_standard --max_iters=4000
+  rb aq0_std reasoning_h0_aq cpu_standard --max_iters=4000
+  rb aq1_std reasoning_h1_aq cpu_standard --max_iters=4000
+  rb aq1_std_8layers reasoning_h1_aq cpu_standard --max_iters=4000 --n_layer=8
+  rb aq1_looplm reasoning_h1_aq cpu_looplm --max_iters=3000
+  rb aq2_std reasoning_h2_aq cpu_standard --max_iters=4000
+  rb aq2_looplm reasoning_h2_aq cpu_looplm --max_iters=3000
+  rb aq2_std_8layers reasoning_h2_aq cpu_standard --max_iters=4000 --n_layer=8
+  wait
+  for n in q0_std aq0_std aq1_std aq1_std_8layers aq1_looplm aq2_std aq2_std_8layers aq2_looplm; do
+    f="$R/rb/$n/log.jsonl"; [ -f "$f" ] || { echo "$n: no log"; continue; }
+    echo "$n: $(python -c "import json,sys; print(' '.join(f\"{d['step']}:{d.get('task_acc')}\" for d in map(json.loads, open(sys.argv[1]))))" "$f")"
+  done
+  # the logs and the looped models' checkpoints, in one file (a lent GPU returns at most 8 files)
+  tar czf "$O/reasoning_batch.tgz" -C "$R" $(cd "$R" && ls rb_*.txt rb/*/log.jsonl rb/*looplm*/ckpt.pt 2>/dev/null) ;;
 *) echo "unknown part $w"; exit 2 ;;
 esac; done
 echo "total $SECONDS s"

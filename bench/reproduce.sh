@@ -58,13 +58,14 @@ run "$d/phase2_nointerp" distill.py config/${P}_distill.py --teacher=$D/looplm/c
 run "$d/phase2_noalign" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1/ckpt.pt --beta=0
 run "$d/phase1_scalar" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --gate=scalar
 run "$d/phase2_scalar" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_scalar/ckpt.pt
-for c in 8 128; do
+for c in 1 8 128; do   # 1: a token per chunk, as decoding sees it (one seed only: ~35 min on 2 cores)
   run "$d/phase1_chunk$c" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --chunk_size=$c
   run "$d/phase2_chunk$c" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_chunk$c/ckpt.pt --chunk_size=$c
 done
 ev "$d MELT no interpolation" $D/phase2_nointerp/ckpt.pt
 ev "$d MELT no alignment (beta=0)" $D/phase2_noalign/ckpt.pt
 ev "$d MELT scalar gate" $D/phase2_scalar/ckpt.pt
+ev "$d MELT chunk 1" $D/phase2_chunk1/ckpt.pt
 ev "$d MELT chunk 8" $D/phase2_chunk8/ckpt.pt
 ev "$d MELT chunk 128 (whole sequence)" $D/phase2_chunk128/ckpt.pt
 
@@ -170,5 +171,11 @@ ev "$A0 standard" $OUT/$A0/standard/ckpt.pt
 run "${A0}_12000/standard" train.py config/${P}_standard.py --dataset=reasoning_h0 --answer_only=True \
     --max_iters=12000 --eval_interval=2000
 ev "${A0}_12000 standard" $OUT/${A0}_12000/standard/ckpt.pt
+
+# and whether that is our model: a from-scratch GPT-2-style transformer on the same batches
+if [ ! -f "$OUT/vanilla_lookup_h0.txt" ]; then
+  python bench/vanilla_lookup.py --dataset=reasoning_h0 --max_iters=3000 | tee "$OUT/vanilla_lookup_h0.tmp"
+  mv "$OUT/vanilla_lookup_h0.tmp" "$OUT/vanilla_lookup_h0.txt"
+fi
 
 python bench/report.py "$OUT"

