@@ -663,12 +663,12 @@ def test_all_queries_lines_answer_every_variable_and_eval_asks_the_first(tmp_pat
                 assert var == answer
     for all_queries in (False, True):
         d = tmp_path / str(all_queries)
-        prepare.prepare_reasoning(str(d), hops=2, n_train=100, n_val=20, all_queries=all_queries)
+        prepare.prepare_reasoning(str(d), hops=3, n_train=100, n_val=20, all_queries=all_queries)
         meta = trainer.load_meta(str(d))
         chars = meta["chars"]
         lines = "".join(chars[i] for i in np.fromfile(d / "val.bin", dtype=np.uint16)).split("\n")[:-1]
-        problems = trainer.task_problems(str(d), meta, 10)
-        assert len(problems) == 10
+        problems = trainer.task_problems(str(d), meta, 20)   # every val line, however long
+        assert len(problems) == len(lines) == 20
         for (p, a), line in zip(problems, lines):
             text = "".join(chars[i] for i in p)
             assert text == "\n" + line[:line.index("?") + 3] and chars[a] == line[line.index("?") + 3]

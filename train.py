@@ -414,7 +414,7 @@ def task_problems(data_dir, meta, n):
     """The first n reasoning problems of val.bin as (prompt ids, answer id): each line's first question."""
     tok = load_tokenizer(meta)
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    text = tok.decode(val[: 64 * (n + 1)].tolist())
+    text = tok.decode(val[: 256 * (n + 1)].tolist())   # lines are under 256 tokens (all_queries ones too)
     problems = []
     for line in text.split("\n")[:n]:
         if "?" in line and line.endswith("."):
