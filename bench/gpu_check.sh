@@ -32,6 +32,22 @@ part() {   # part NAME CAP COMMAND...: run with a timeout of min(CAP, time left)
   grep -E 'tok_s' "$O/$name.txt" | tail -1 | cut -c1-400
 }
 
+sweep() {   # sweep DIR NAME DATA CONFIG ARGS...: one reasoning run in the background, answer-only, eager,
+  # accuracy every 500 steps, cut off when the script's time is up ($left); its log in $R/DIR/NAME
+  local dir=$1 n=$2 d=$3 c=$4; shift 4
+  ( timeout $left python train.py config/$c.py --dataset=$d --answer_only=True --eval_interval=500 --eval_iters=5 \
+      --log_interval=100 --sample_tokens=0 --compile=False "$@" --out_dir="$R/$dir/$n" > "$R/${dir}_$n.txt" 2>&1 ) &
+}
+sweep_report() {   # sweep_report DIR FILES...: step:accuracy of each run, then its logs (and FILES) in one
+  # archive under $O: a lent GPU returns at most 8 files
+  local dir=$1; shift
+  wait
+  for f in "$R/$dir"/*/log.jsonl; do
+    echo "$(basename "$(dirname "$f")"): $(python -c "import json,sys; print(' '.join(f\"{d['step']}:{d.get('task_acc')}\" for d in map(json.loads, open(sys.argv[1]))))" "$f")"
+  done
+  tar czf "$O/$dir.tgz" -C "$R" $(cd "$R" && ls ${dir}_*.txt "$dir"/*/log.jsonl $@ 2>/dev/null)   # $@ unquoted: globs in $R
+}
+
 WHAT=${*:-decode train}   # parts: decode, train, train-compiled (phase 1 compiled after an eager train)
 C=${COMPILE:+--compile=$COMPILE}   # train: unset, as each config says; True / False for all runs
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$O/gpu.txt"
@@ -60,29 +76,20 @@ reasoning)   # which small models learn the lookup tasks: many short runs at onc
   left=$(( BUDGET - SECONDS - 15 ))
   [ -f "$R/phase2/ckpt.pt" ] && timeout $(( left < 200 ? left : 200 )) python sample.py \
       --init_from="$R/phase2/ckpt.pt" --compile=True --max_new_tokens=200 --stream=False > "$O/sample_compile.txt" 2>&1 &
-  rs() {   # rs NAME DATA CONFIG ARGS...
-    local n=$1 d=$2 c=$3; shift 3
-    ( timeout $left python train.py config/$c.py --dataset=$d --answer_only=True --eval_interval=500 --eval_iters=5 \
-        --log_interval=100 --sample_tokens=0 --compile=False "$@" --out_dir="$R/rs/$n" > "$R/rs_$n.txt" 2>&1 ) &
-  }
   H0=reasoning_h0_big; H1=reasoning_h1_big
-  rs h0_std_b16 $H0 cpu_standard --max_iters=3000
-  rs h0_std_b64 $H0 cpu_standard --max_iters=3000 --batch_size=64
-  rs h0_std_b64_lr1e-3 $H0 cpu_standard --max_iters=3000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
-  rs h0_std_b64_l4 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
-  rs h0_std_b64_w256 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_embd=256
-  rs h0_std_b64_fullloss $H0 cpu_standard --max_iters=3000 --batch_size=64 --answer_only=False
-  rs h0_std_8x512 $H0 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
-  rs h1_std_b64 $H1 cpu_standard --max_iters=3000 --batch_size=64
-  rs h1_std_b64_l4 $H1 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
-  rs h1_loop_b64 $H1 cpu_looplm --max_iters=2000 --batch_size=64
-  rs h1_loop_b64_lr1e-3 $H1 cpu_looplm --max_iters=2000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
-  rs h1_std_8x512 $H1 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
-  wait
-  for f in "$R"/rs/*/log.jsonl; do
-    echo "rs_$(basename "$(dirname "$f")"): $(python -c "import json,sys; print(' '.join(str(json.loads(l).get('task_acc')) for l in open(sys.argv[1])))" "$f")"
-  done
-  tar czf "$O/reasoning.tgz" -C "$R" $(cd "$R" && ls rs_*.txt rs/*/log.jsonl 2>/dev/null)   # a lent GPU returns at most 8 files
+  sweep rs h0_std_b16 $H0 cpu_standard --max_iters=3000
+  sweep rs h0_std_b64 $H0 cpu_standard --max_iters=3000 --batch_size=64
+  sweep rs h0_std_b64_lr1e-3 $H0 cpu_standard --max_iters=3000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
+  sweep rs h0_std_b64_l4 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
+  sweep rs h0_std_b64_w256 $H0 cpu_standard --max_iters=3000 --batch_size=64 --n_embd=256
+  sweep rs h0_std_b64_fullloss $H0 cpu_standard --max_iters=3000 --batch_size=64 --answer_only=False
+  sweep rs h0_std_8x512 $H0 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
+  sweep rs h1_std_b64 $H1 cpu_standard --max_iters=3000 --batch_size=64
+  sweep rs h1_std_b64_l4 $H1 cpu_standard --max_iters=3000 --batch_size=64 --n_layer=4
+  sweep rs h1_loop_b64 $H1 cpu_looplm --max_iters=2000 --batch_size=64
+  sweep rs h1_loop_b64_lr1e-3 $H1 cpu_looplm --max_iters=2000 --batch_size=64 --lr=1e-3 --min_lr=1e-4
+  sweep rs h1_std_8x512 $H1 gpu_standard --max_iters=1000 --lr=5e-4 --min_lr=5e-5
+  sweep_report rs
   grep -E 'stats|compil|error|Error' "$O/sample_compile.txt" | tail -5 ;;
 reasoning-batch)   # the same question with 4x the batch (256 x 128 tokens) and every variable of a line
   # asked (data/prepare.py --all_queries=1: questions of every depth, a curriculum inside the data)
@@ -90,27 +97,15 @@ reasoning-batch)   # the same question with 4x the batch (256 x 128 tokens) and 
       python data/prepare.py --name=reasoning_h${h}_aq --hops=$h --all_queries=1 --n_train=200000; done
   [ -f data/reasoning_h0_big/meta.json ] || python data/prepare.py --name=reasoning_h0_big --hops=0 --n_train=400000
   left=$(( BUDGET - SECONDS - 25 ))
-  rb() {   # rb NAME DATA CONFIG ARGS...
-    local n=$1 d=$2 c=$3; shift 3
-    ( timeout $left python train.py config/$c.py --dataset=$d --answer_only=True --batch_size=256 \
-        --eval_interval=500 --eval_iters=5 --log_interval=100 --sample_tokens=0 --compile=False "$@" \
-        --out_dir="$R/rb/$n" > "$R/rb_$n.txt" 2>&1 ) &
-  }
-  rb q0_std reasoning_h0_big cpu_standard --max_iters=4000
-  rb aq0_std reasoning_h0_aq cpu_standard --max_iters=4000
-  rb aq1_std reasoning_h1_aq cpu_standard --max_iters=4000
-  rb aq1_std_8layers reasoning_h1_aq cpu_standard --max_iters=4000 --n_layer=8
-  rb aq1_looplm reasoning_h1_aq cpu_looplm --max_iters=3000
-  rb aq2_std reasoning_h2_aq cpu_standard --max_iters=4000
-  rb aq2_looplm reasoning_h2_aq cpu_looplm --max_iters=3000
-  rb aq2_std_8layers reasoning_h2_aq cpu_standard --max_iters=4000 --n_layer=8
-  wait
-  for n in q0_std aq0_std aq1_std aq1_std_8layers aq1_looplm aq2_std aq2_std_8layers aq2_looplm; do
-    f="$R/rb/$n/log.jsonl"; [ -f "$f" ] || { echo "$n: no log"; continue; }
-    echo "$n: $(python -c "import json,sys; print(' '.join(f\"{d['step']}:{d.get('task_acc')}\" for d in map(json.loads, open(sys.argv[1]))))" "$f")"
-  done
-  # the logs and the looped models' checkpoints, in one file (a lent GPU returns at most 8 files)
-  tar czf "$O/reasoning_batch.tgz" -C "$R" $(cd "$R" && ls rb_*.txt rb/*/log.jsonl rb/*looplm*/ckpt.pt 2>/dev/null) ;;
+  sweep rb q0_std reasoning_h0_big cpu_standard --batch_size=256 --max_iters=4000
+  sweep rb aq0_std reasoning_h0_aq cpu_standard --batch_size=256 --max_iters=4000
+  sweep rb aq1_std reasoning_h1_aq cpu_standard --batch_size=256 --max_iters=4000
+  sweep rb aq1_std_8layers reasoning_h1_aq cpu_standard --batch_size=256 --max_iters=4000 --n_layer=8
+  sweep rb aq1_looplm reasoning_h1_aq cpu_looplm --batch_size=256 --max_iters=3000
+  sweep rb aq2_std reasoning_h2_aq cpu_standard --batch_size=256 --max_iters=4000
+  sweep rb aq2_looplm reasoning_h2_aq cpu_looplm --batch_size=256 --max_iters=3000
+  sweep rb aq2_std_8layers reasoning_h2_aq cpu_standard --batch_size=256 --max_iters=4000 --n_layer=8
+  sweep_report rb "rb/*looplm*/ckpt.pt" ;;   # with the looped models' checkpoints
 *) echo "unknown part $w"; exit 2 ;;
 esac; done
 echo "total $SECONDS s"

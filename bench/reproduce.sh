@@ -58,7 +58,7 @@ run "$d/phase2_nointerp" distill.py config/${P}_distill.py --teacher=$D/looplm/c
 run "$d/phase2_noalign" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1/ckpt.pt --beta=0
 run "$d/phase1_scalar" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --gate=scalar
 run "$d/phase2_scalar" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_scalar/ckpt.pt
-for c in 1 8 128; do   # 1: a token per chunk, as decoding sees it (one seed only: ~35 min on 2 cores)
+for c in 1 4 8 128; do   # 1: a token per chunk, as decoding sees it (1 and 4: one seed only; 1 takes an hour on 2 cores)
   run "$d/phase1_chunk$c" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --chunk_size=$c
   run "$d/phase2_chunk$c" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_chunk$c/ckpt.pt --chunk_size=$c
 done
@@ -66,6 +66,7 @@ ev "$d MELT no interpolation" $D/phase2_nointerp/ckpt.pt
 ev "$d MELT no alignment (beta=0)" $D/phase2_noalign/ckpt.pt
 ev "$d MELT scalar gate" $D/phase2_scalar/ckpt.pt
 ev "$d MELT chunk 1" $D/phase2_chunk1/ckpt.pt
+ev "$d MELT chunk 4" $D/phase2_chunk4/ckpt.pt
 ev "$d MELT chunk 8" $D/phase2_chunk8/ckpt.pt
 ev "$d MELT chunk 128 (whole sequence)" $D/phase2_chunk128/ckpt.pt
 
