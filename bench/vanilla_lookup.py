@@ -3,16 +3,15 @@ An independent check for the reasoning rows: is the lookup task hard, or is our 
 
 A minimal GPT-2-style transformer written here from scratch (learned absolute positions, pre-LayerNorm,
 GELU MLP, biases, tied to nothing in melt.py) trained on exactly the batches train.py gives the
-standard model (train.Batches, same seed, same answer-only targets; AdamW with config/cpu_standard.py's
-betas, peak and floor learning rates, warmup and cosine, weight decay 0.1 here on every parameter),
-its exact-match accuracy measured on the same problems (train.task_problems).
+standard model (train.Batches, same seed, same answer-only targets; train.make_optimizer's AdamW and
+train.lr_at's schedule with config/cpu_standard.py's numbers), its exact-match accuracy measured on
+the same problems (train.task_problems).
 If it learns what melt's standard model does not, the fault is ours; if it fails the same way,
 the task is hard at this budget. Not a second implementation of the model: nothing else uses it.
 
     python bench/vanilla_lookup.py --dataset=reasoning_h0 --max_iters=3000   (about 10 min, 1 thread)
 """
 
-import math
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import ensure_dataset  # noqa: E402
-from train import Batches, answer_marker, load_meta, task_problems  # noqa: E402
+from train import Batches, TrainConfig, answer_marker, load_meta, lr_at, make_optimizer, task_problems  # noqa: E402
 
 
 class VanillaBlock(nn.Module):
@@ -67,11 +66,13 @@ def main(argv):
     data_dir = ensure_dataset(args["dataset"])
     meta = load_meta(data_dir)
     model = Vanilla(meta["vocab_size"], args["block_size"], args["n_layer"], args["n_embd"], args["n_head"])
-    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], betas=(0.9, 0.99), weight_decay=0.1)
+    cfg = TrainConfig(max_iters=args["max_iters"], lr=args["lr"], min_lr=args["min_lr"],
+                      warmup_iters=args["warmup_iters"])   # AdamW and schedule exactly as train.py's
+    opt = make_optimizer(model, cfg, "cpu")
     batches = Batches(data_dir, args["block_size"], args["batch_size"], 1, seed=args["seed"],
                       answer_after=answer_marker(meta, True, args["dataset"]))
     problems = task_problems(data_dir, meta, 200)
-    n, w = args["max_iters"], args["warmup_iters"]
+    n = args["max_iters"]
     print(f"vanilla transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{args['dataset']}, {n} steps of {args['batch_size']} x {args['block_size']} tokens", flush=True)
     t0 = time.time()
@@ -84,10 +85,8 @@ def main(argv):
             print(f"step {step} | task_acc {acc:.3f} | {time.time() - t0:.0f} s", flush=True)
         if step == n:
             break
-        lr = args["lr"] * (step + 1) / w if step < w else args["min_lr"] + 0.5 * (args["lr"] - args["min_lr"]) * (
-            1 + math.cos(math.pi * (step - w) / max(1, n - w)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, cfg) * g["lr_scale"]
         x, y = batches.get("train", step, 0, torch.device("cpu"))
         loss = F.cross_entropy(model(x).view(-1, meta["vocab_size"]), y.view(-1), ignore_index=-1)
         opt.zero_grad(set_to_none=True)
