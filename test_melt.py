@@ -674,6 +674,31 @@ def test_all_queries_lines_answer_every_variable_and_eval_asks_the_first(tmp_pat
             assert text == "\n" + line[:line.index("?") + 3] and chars[a] == line[line.index("?") + 3]
 
 
+def test_lookup_lines_answer_the_asked_letter_and_eval_finds_them(tmp_path):
+    """data/prepare.py --pairs=3: each line is 3 distinct letter-digit pairs, one asked; the answer
+    is the digit written right after the asked letter (read here from the line's characters), the
+    asked letter is one of the line's, and the accuracy eval takes every val line's question."""
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        prompt, answer = prepare.lookup_problem(rng, 3)
+        pairs, asked = prompt[:6], prompt[7]
+        keys, digits = pairs[0::2], pairs[1::2]
+        assert len(set(keys)) == 3 and keys.isalpha() and digits.isdigit()
+        assert prompt[6] == "?" and prompt.endswith("=") and asked in keys
+        assert answer == pairs[pairs.index(asked) + 1]
+    prepare.prepare_reasoning(str(tmp_path), n_train=100, n_val=20, pairs=3)
+    meta = trainer.load_meta(str(tmp_path))
+    assert meta["task"] == "lookup" and meta["hops"] == 0
+    chars = meta["chars"]
+    lines = "".join(chars[i] for i in np.fromfile(tmp_path / "val.bin", dtype=np.uint16)).split("\n")[:-1]
+    problems = trainer.task_problems(str(tmp_path), meta, 20)
+    assert len(problems) == len(lines) == 20
+    for (p, a), line in zip(problems, lines):
+        assert "".join(chars[i] for i in p) == "\n" + line[:9]
+        assert chars[a] == line[9] == line[line.index(line[7]) + 1]   # the digit after the asked letter
+
+
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer
     digits (found here from the text: the character after '?<var>='), the rest are -1, and the
@@ -693,6 +718,45 @@ def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
             assert {t for t, v in enumerate(row_y2) if v != -1} == answers
             assert all(row_y2[t] == row_y[t] and text[t + 1].isdigit() and text[t] == "=" for t in answers)
         assert (y2 != -1).sum() > 0
+
+
+def test_line_batches_are_whole_lines_of_the_file(tmp_path):
+    """train.py --line_batches=True: every row is '\\n' + one whole line of the split's text (one
+    problem, its question at the same position in every row), the targets are the row shifted by
+    one (answer digit only with answer_only), two ranks of a 2-process run take the two halves of
+    one global draw, and lines of different lengths (all_queries data) are refused."""
+    prepare.prepare_reasoning(str(tmp_path), n_train=300, n_val=40, pairs=3)
+    meta = trainer.load_meta(str(tmp_path))
+    chars = meta["chars"]
+    nl, q = chars.index("\n"), chars.index("?")
+    cpu = torch.device("cpu")
+    for split in ("train", "val"):
+        text = "".join(chars[i] for i in np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16))
+        lines = set(text.split("\n")[1:-1])   # the lines that have a '\n' before and after
+        plain = trainer.Batches(str(tmp_path), 64, 8, 1, seed=3, line_token=nl)
+        scored = trainer.Batches(str(tmp_path), 64, 8, 1, seed=3, answer_after=q, line_token=nl)
+        x, y = plain.get(split, 7, 0, cpu)
+        x2, y2 = scored.get(split, 7, 0, cpu)
+        assert torch.equal(x, x2) and x.shape == (8, 12)   # x: '\nr3u2s6?s=6.', y: 'r3u2s6?s=6.\n'
+        for rx, ry, ry2 in zip(x.tolist(), y.tolist(), y2.tolist()):
+            row = "".join(chars[i] for i in rx) + chars[ry[-1]]
+            assert row[0] == row[-1] == "\n" and row[1:-1] in lines
+            assert ry == rx[1:] + [ry[-1]]
+            assert [t for t, v in enumerate(ry2) if v != -1] == [9] and chars[ry2[9]] == row[10]
+    both = [trainer.Batches(str(tmp_path), 64, 4, 1, rank=r, world=2, seed=3, line_token=nl).get("train", 2, 0, cpu)[0]
+            for r in (0, 1)]
+    one = trainer.Batches(str(tmp_path), 64, 8, 1, seed=3, line_token=nl).get("train", 2, 0, cpu)[0]
+    assert torch.equal(torch.cat(both), one)
+    with pytest.raises(trainer.ConfigError, match="lines of one length, at most block_size=8"):
+        trainer.Batches(str(tmp_path), 8, 8, 1, line_token=nl)   # rows of 12 tokens
+    import random
+    rng = random.Random(0)
+    mixed = "".join(p + a + ".\n" for p, a in (prepare.lookup_problem(rng, 3 + i % 2) for i in range(200)))
+    tok = prepare.CharTokenizer(chars)
+    os.makedirs(tmp_path / "mixed")
+    prepare.finish(str(tmp_path / "mixed"), dict(meta), tok.encode(mixed), tok.encode(mixed))
+    with pytest.raises(trainer.ConfigError, match="lines of one length"):
+        trainer.Batches(str(tmp_path / "mixed"), 128, 8, 1, line_token=nl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class TrainConfig:
     eval_iters: int = 20                 # batches per eval split
     task_eval_n: int = 200               # reasoning dataset: problems per exact-match accuracy eval
     answer_only: bool = False            # reasoning dataset: score only the answer digits (the token 2 after '?')
+    line_batches: bool = False           # reasoning dataset: each row one whole problem line (lines of one length), not a random window
     log_interval: int = 10               # steps between progress-bar updates
     sample_tokens: int = 300             # tokens sampled at the end, at most the context (0: none)
     seed: int = 1337                     # fixes the init and the data order
@@ -147,9 +148,12 @@ class Batches:
     """Random windows of a token file. The windows of step `step` are a function of (seed,
     step) alone: every process draws the same global batch and takes its own rows, so one
     process with grad_accum=2 and two processes with grad_accum=1 see the same data, and a
-    resumed run continues the same sequence. The data position is the step number."""
+    resumed run continues the same sequence. The data position is the step number.
+    line_token: rows are whole lines instead ('\\n' + one problem, every line one length: the
+    question always at the same position, no earlier problems in the context)."""
 
-    def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0, answer_after=None):
+    def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0, answer_after=None,
+                 line_token=None):
         self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
                      for s in ("train", "val")}
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
@@ -158,15 +162,26 @@ class Batches:
         for split, d in self.data.items():
             if len(d) <= block_size + 1:
                 raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
+        self.width, self.line_starts = block_size, None   # tokens per row; where rows may start (None: anywhere)
+        if line_token is not None:
+            self.line_starts = {s: np.flatnonzero(np.asarray(d) == line_token)[:-1] for s, d in self.data.items()}
+            widths = {int(w) for s in self.data for w in np.diff(self.line_starts[s])}
+            if len(widths) != 1 or max(widths) > block_size:
+                raise ConfigError(f"line_batches=True needs lines of one length, at most block_size={block_size} "
+                                  f"tokens; {data_dir} has line lengths {sorted(widths)[:5]}")
+            self.width = widths.pop()
 
     def get(self, split, step, micro, device):
         """Micro-batch `micro` of this process at step `step` -> x, y (B, T) on device."""
         data = self.data[split]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 2 + (split == "val"))
         n = self.batch_size * self.grad_accum * self.world
-        starts = torch.randint(len(data) - self.block_size - 1, (n,), generator=g)
+        if self.line_starts is None:
+            starts = torch.randint(len(data) - self.block_size - 1, (n,), generator=g)
+        else:
+            starts = torch.from_numpy(self.line_starts[split])[torch.randint(len(self.line_starts[split]), (n,), generator=g)]
         first = (self.rank * self.grad_accum + micro) * self.batch_size
-        rows = [torch.from_numpy(data[i:i + self.block_size + 1].astype(np.int64))
+        rows = [torch.from_numpy(data[i:i + self.width + 1].astype(np.int64))
                 for i in starts[first:first + self.batch_size].tolist()]
         xy = torch.stack(rows)
         x, y = xy[:, :-1], xy[:, 1:]
@@ -187,6 +202,15 @@ def answer_marker(meta, answer_only, dataset):
     if not meta.get("task"):
         raise ConfigError(f"answer_only=True needs a reasoning dataset; {dataset!r} has no answers to score")
     return load_tokenizer(meta).encode("?")[0]
+
+
+def line_token(meta, cfg):
+    """The token id that starts each line, for Batches(line_token=...) when line_batches; else None."""
+    if not cfg.line_batches:
+        return None
+    if not meta.get("task"):
+        raise ConfigError(f"line_batches=True needs a reasoning dataset (one problem per line); {cfg.dataset!r} is not one")
+    return load_tokenizer(meta).encode("\n")[0]
 
 
 def token_ce(logits, y):
@@ -534,7 +558,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     rt = Runtime(cfg)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
     batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
-                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset))
+                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset), line_token(meta, cfg))
     problems = task_problems(data_dir, meta, cfg.task_eval_n) if meta.get("task") else None
     objective = objective_cls(raw, cfg)
     step_fn = ddp = objective
@@ -548,8 +572,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * rt.world * raw.config.block_size
-    flops = flops_per_token(raw.config, raw.config.block_size) * tokens_per_step
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * rt.world * batches.width
+    flops = flops_per_token(raw.config, batches.width) * tokens_per_step
     peak = peak_flops(rt.device)
     if rt.master:
         c = raw.config

