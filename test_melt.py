@@ -724,7 +724,8 @@ def test_line_batches_are_whole_lines_of_the_file(tmp_path):
     """train.py --line_batches=True: every row is '\\n' + one whole line of the split's text (one
     problem, its question at the same position in every row), the targets are the row shifted by
     one (answer digit only with answer_only), two ranks of a 2-process run take the two halves of
-    one global draw, and lines of different lengths (all_queries data) are refused."""
+    one global draw, and lines of different lengths (lookup lines of 3 and 4 pairs) or longer
+    than block_size are refused."""
     prepare.prepare_reasoning(str(tmp_path), n_train=300, n_val=40, pairs=3)
     meta = trainer.load_meta(str(tmp_path))
     chars = meta["chars"]

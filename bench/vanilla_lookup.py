@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.prepare import ensure_dataset  # noqa: E402
-from train import Batches, TrainConfig, answer_marker, load_meta, lr_at, make_optimizer, task_problems  # noqa: E402
+from train import Batches, TrainConfig, answer_marker, line_token, load_meta, lr_at, make_optimizer, task_problems  # noqa: E402
 
 
 class VanillaBlock(nn.Module):
@@ -72,11 +72,12 @@ def main(argv):
     meta = load_meta(data_dir)
     model = Vanilla(meta["vocab_size"], args["block_size"], args["n_layer"], args["n_embd"], args["n_head"])
     cfg = TrainConfig(max_iters=args["max_iters"], lr=args["lr"], min_lr=args["min_lr"],
-                      weight_decay=args["weight_decay"], warmup_iters=args["warmup_iters"])   # AdamW and schedule exactly as train.py's
+                      weight_decay=args["weight_decay"], warmup_iters=args["warmup_iters"],
+                      line_batches=bool(args["aligned"]), dataset=args["dataset"])   # AdamW and schedule exactly as train.py's
     opt = make_optimizer(model, cfg, "cpu")
     marker = answer_marker(meta, True, args["dataset"])
     batches = Batches(data_dir, args["block_size"], args["batch_size"], 1, seed=args["seed"], answer_after=marker,
-                      line_token=meta["chars"].index("\n") if args["aligned"] else None)
+                      line_token=line_token(meta, cfg))
     problems = task_problems(data_dir, meta, 200)
     n = args["max_iters"]
     print(f"vanilla transformer, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
