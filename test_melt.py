@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -698,6 +699,66 @@ def test_lookup_lines_answer_the_asked_letter_and_eval_finds_them(tmp_path):
         assert "".join(chars[i] for i in p) == "\n" + line[:9]
         assert chars[a] == line[9] == line[line.index(line[7]) + 1]   # the digit after the asked letter
 
+
+
+def test_all_queries_lookup_lines_ask_every_letter_once(tmp_path):
+    """data/prepare.py --pairs=3 --all_queries=1: after the pairs, every letter is asked exactly
+    once, each answer is the digit written right after that letter in the pairs (read from the
+    line's characters), the first question and answer are the plain line's for the same random
+    state, and the accuracy eval and line batches see lines of one length, first question first."""
+    import random
+    for seed in range(50):
+        prompt, rest = prepare.lookup_problem(random.Random(seed), 3, all_queries=True)
+        assert (prompt, rest[0]) == prepare.lookup_problem(random.Random(seed), 3)
+        line = prompt + rest
+        pairs, questions = line[:6], line[6:].split("?")[1:]          # ['s=6', 'r=3', 'u=2']
+        assert sorted(q[0] for q in questions) == sorted(pairs[0::2])
+        for q in questions:
+            assert len(q) == 3 and q[1] == "=" and q[2] == pairs[pairs.index(q[0]) + 1]
+    prepare.prepare_reasoning(str(tmp_path), n_train=100, n_val=20, pairs=3, all_queries=True)
+    meta = trainer.load_meta(str(tmp_path))
+    chars = meta["chars"]
+    lines = "".join(chars[i] for i in np.fromfile(tmp_path / "val.bin", dtype=np.uint16)).split("\n")[:-1]
+    assert {len(line) for line in lines} == {19}                      # 'r3u2s6?s=6?r=3?u=2.'
+    problems = trainer.task_problems(str(tmp_path), meta, 20)
+    assert [("".join(chars[i] for i in p), chars[a]) for p, a in problems] == [("\n" + ln[:9], ln[9]) for ln in lines]
+
+
+def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
+    """train.task_accuracy_by_question on all_queries lookup lines: a causal oracle that looks each
+    asked letter up in the line's pairs (written here, independently of the eval's indexing)
+    scores 1 on every question; the same oracle answering only a line's first question scores
+    1 on the first and 0 on the others; and the first entry is task_accuracy's number."""
+    prepare.prepare_reasoning(str(tmp_path), n_train=50, n_val=30, pairs=3, all_queries=True)
+    meta = trainer.load_meta(str(tmp_path))
+    chars, V = meta["chars"], meta["vocab_size"]
+
+    class Oracle:
+        def __init__(self, only_first):
+            self.only_first = only_first
+        def eval(self):
+            return self
+        def train(self):
+            return self
+        def lm_head(self, onehot):
+            return onehot
+        def run(self, x, n_loops=None, exit_threshold=None):
+            pred = torch.zeros(*x.shape, V)
+            for b, row in enumerate(x.tolist()):
+                text = "".join(chars[t] for t in row)
+                for j in range(2, len(text)):
+                    asked_first = text.index("?") == j - 2
+                    if text[j] == "=" and text[j - 2] == "?" and (asked_first or not self.only_first):
+                        answer = text[text.index(text[j - 1]) + 1]   # first occurrence: in the pairs
+                        pred[b, j, chars.index(answer)] = 1.0
+            return SimpleNamespace(selected=pred)
+
+    cpu = torch.device("cpu")
+    assert trainer.task_accuracy_by_question(Oracle(False), str(tmp_path), meta, 30, cpu) == [1.0, 1.0, 1.0]
+    assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu) == [1.0, 0.0, 0.0]
+    model = MELT(MeltConfig(vocab_size=V, block_size=32, n_layer=1, n_loop=2, n_embd=32, n_head=2, init_std=0.5))
+    by_question = trainer.task_accuracy_by_question(model, str(tmp_path), meta, 30, cpu)
+    assert by_question[0] == trainer.task_accuracy(model, trainer.task_problems(str(tmp_path), meta, 30), cpu)
 
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer

@@ -465,6 +465,26 @@ def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_thresh
     return correct / max(1, len(problems))
 
 
+@torch.no_grad()
+def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None):
+    """[accuracy of question 1, of question 2, ...] over the first n val lines of an all_queries
+    dataset (every line asks the same number of questions). Each line is read whole in one
+    forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
+    shows is whether later questions are easier than the first, e.g. answerable by elimination
+    (the last letter asked has the one digit of the line not yet given as an answer)."""
+    tok = load_tokenizer(meta)
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    lines = [ln for ln in tok.decode(val[: 256 * (n + 1)].tolist()).split("\n")[:n] if ln.endswith(".")]
+    model.eval()
+    x = torch.tensor([tok.encode("\n" + ln) for ln in lines], device=device)   # (n, 1 + line length)
+    out = model.run(x, n_loops=n_loops, exit_threshold=exit_threshold)
+    pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
+    model.train()
+    # '?' at line index i is x index i+1; the answer is x[:, i+4] ('?', letter, '='), predicted at i+3
+    asks = [i for i, ch in enumerate(lines[0]) if ch == "?"]
+    return [(pred[:, i + 3] == x[:, i + 4]).sum().item() / len(lines) for i in asks]
+
+
 def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):
     ids = torch.tensor([tok.encode(prompt)], device=device)
     n_tokens = min(n_tokens, model.config.block_size - ids.shape[1])   # the model's context

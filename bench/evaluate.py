@@ -68,6 +68,9 @@ def main(argv):
             problems = T.task_problems(data_dir, meta, 200)
             rec["task_acc"] = T.task_accuracy(model, problems, torch.device("cpu"), n_loops=n_loops,
                                               exit_threshold=threshold)
+            if meta.get("all_queries"):   # every variable asked: accuracy of each question of a line
+                rec["task_acc_by_question"] = [round(a, 3) for a in T.task_accuracy_by_question(
+                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold)]
         cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
         newline = T.load_tokenizer(meta).encode("\n")[0]

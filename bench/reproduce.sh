@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about eight hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about nine and a half hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~1.5 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -189,6 +189,11 @@ run lookup3/standard_lines train.py config/${P}_standard.py $LK --line_batches=T
     --max_iters=15000 --eval_interval=500
 ev "lookup3 standard, random windows" $OUT/lookup3/standard_windows/ckpt.pt
 ev "lookup3 standard, one line per row" $OUT/lookup3/standard_lines/ckpt.pt   # (val loss on windows: compare accuracy)
+# the same lines with every letter asked ('r3u2s6?s=6?r=3?u=2.': three answers per line, not one)
+[ -f data/lookup3_aq/meta.json ] || python data/prepare.py --name=lookup3_aq --pairs=3 --all_queries=1 --n_train=200000
+run lookup3_aq/standard_lines train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
+    --batch_size=64 --max_iters=5000 --eval_interval=500
+ev "lookup3_aq standard, one line per row" $OUT/lookup3_aq/standard_lines/ckpt.pt
 for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
   [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
   case $v in windows) a="--eval_interval=1000";; lines) a="--eval_interval=500 --aligned=1 --batch_size=64";; esac
@@ -196,5 +201,24 @@ for v in windows lines; do   # and the from-scratch vanilla transformer on the s
       | tee "$OUT/vanilla_lookup3_$v.tmp"
   mv "$OUT/vanilla_lookup3_$v.tmp" "$OUT/vanilla_lookup3_$v.txt"
 done
+
+# more signal per line: the 1-hop chains with every variable of a line asked (six answers per line
+# instead of one; the first, scored, question is the 1-hop one), one whole line per row. Standard vs
+# LoopLM vs MELT on the same batches; evaluate.py adds the accuracy of each question of a line (the
+# last ones are answerable by elimination). The kept LoopLM ran its first 1,500 steps with 1 thread
+# beside other jobs and was resumed (init_from=resume) for the rest with 2.
+[ -f data/reasoning_h1_aq/meta.json ] || python data/prepare.py --name=reasoning_h1_aq --hops=1 --all_queries=1 --n_train=200000
+Q=reasoning_h1_aq; QA="--dataset=$Q --answer_only=True --line_batches=True --batch_size=32"
+QL="$QA --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --max_iters=5000 --eval_interval=500"
+run "$Q/standard" train.py config/${P}_standard.py $QL --threads=1
+run "$Q/looplm" train.py config/${P}_looplm.py $QL --threads=2
+run "$Q/phase1" train.py config/${P}_transition.py $QA --init_from=$OUT/$Q/looplm/ckpt.pt
+run "$Q/phase2" distill.py config/${P}_distill.py $QA --teacher=$OUT/$Q/looplm/ckpt.pt --init_from=$OUT/$Q/phase1/ckpt.pt
+ev "$Q standard" $OUT/$Q/standard/ckpt.pt   # (val loss on windows: compare accuracy)
+ev "$Q LoopLM" $OUT/$Q/looplm/ckpt.pt
+for g in last mean first; do ev "$Q zero-shot gate=$g" $OUT/$Q/looplm/ckpt.pt --cache=shared --gate=$g; done
+ev "$Q MELT phase 1" $OUT/$Q/phase1/ckpt.pt
+ev "$Q MELT phase 1+2" $OUT/$Q/phase2/ckpt.pt
+for n in 1 2 6 8; do ev "$Q LoopLM n_loops=$n" $OUT/$Q/looplm/ckpt.pt --n_loops=$n; done
 
 python bench/report.py "$OUT"

