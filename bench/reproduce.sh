@@ -194,6 +194,11 @@ ev "lookup3 standard, one line per row" $OUT/lookup3/standard_lines/ckpt.pt   # 
 run lookup3_aq/standard_lines train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
     --batch_size=64 --max_iters=5000 --eval_interval=500
 ev "lookup3_aq standard, one line per row" $OUT/lookup3_aq/standard_lines/ckpt.pt
+for s in 1 2; do   # when a run leaves the plateau varies from run to run: two more seeds
+  run lookup3_aq/standard_lines_s$s train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
+      --batch_size=64 --max_iters=5000 --eval_interval=500 --seed=$s
+  ev "lookup3_aq standard, one line per row, seed $s" $OUT/lookup3_aq/standard_lines_s$s/ckpt.pt
+done
 for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
   [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
   case $v in windows) a="--eval_interval=1000";; lines) a="--eval_interval=500 --aligned=1 --batch_size=64";; esac
