@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about nine and a half hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about ten hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~1.5 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -198,6 +198,15 @@ for s in 1 2; do   # when a run leaves the plateau varies from run to run: two m
   run lookup3_aq/standard_lines_s$s train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
       --batch_size=64 --max_iters=5000 --eval_interval=500 --seed=$s
   ev "lookup3_aq standard, one line per row, seed $s" $OUT/lookup3_aq/standard_lines_s$s/ckpt.pt
+done
+# and with 10x as many lines (2,000,000, so that few lines repeat within the run): do repeats hold
+# the lookup back? (in-weights memorising competing with in-context lookup)
+[ -f data/lookup3_aq_2m/meta.json ] || python data/prepare.py --name=lookup3_aq_2m --pairs=3 --all_queries=1 --n_train=2000000
+for s in 1337 1; do
+  n=lookup3_aq_2m/standard_lines; [ $s = 1337 ] || n=${n}_s$s
+  run $n train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq_2m} --line_batches=True --batch_size=64 \
+      --max_iters=4000 --eval_interval=500 --seed=$s
+  ev "lookup3_aq_2m standard, one line per row, seed $s" $OUT/$n/ckpt.pt
 done
 for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
   [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
