@@ -700,7 +700,6 @@ def test_lookup_lines_answer_the_asked_letter_and_eval_finds_them(tmp_path):
         assert chars[a] == line[9] == line[line.index(line[7]) + 1]   # the digit after the asked letter
 
 
-
 def test_all_queries_lookup_lines_ask_every_letter_once(tmp_path):
     """data/prepare.py --pairs=3 --all_queries=1: after the pairs, every letter is asked exactly
     once, each answer is the digit written right after that letter in the pairs (read from the
@@ -759,6 +758,7 @@ def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
     model = MELT(MeltConfig(vocab_size=V, block_size=32, n_layer=1, n_loop=2, n_embd=32, n_head=2, init_std=0.5))
     by_question = trainer.task_accuracy_by_question(model, str(tmp_path), meta, 30, cpu)
     assert by_question[0] == trainer.task_accuracy(model, trainer.task_problems(str(tmp_path), meta, 30), cpu)
+
 
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer

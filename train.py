@@ -434,17 +434,23 @@ def evaluate(model, batches, cfg, rt, alpha, step):
     return out
 
 
-def task_problems(data_dir, meta, n):
-    """The first n reasoning problems of val.bin as (prompt ids, answer id): each line's first question."""
+def val_problem_lines(data_dir, meta, n):
+    """The tokenizer and the whole problem lines among the first n lines of val.bin (text, without
+    the newline): what both accuracy evals read."""
     tok = load_tokenizer(meta)
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     text = tok.decode(val[: 256 * (n + 1)].tolist())   # lines are under 256 tokens (all_queries ones too)
+    return tok, [line for line in text.split("\n")[:n] if "?" in line and line.endswith(".")]
+
+
+def task_problems(data_dir, meta, n):
+    """The first n reasoning problems of val.bin as (prompt ids, answer id): each line's first question."""
+    tok, lines = val_problem_lines(data_dir, meta, n)
     problems = []
-    for line in text.split("\n")[:n]:
-        if "?" in line and line.endswith("."):
-            i = line.index("?")   # the line's first question ('?x=' then the digit); all_queries lines ask more after it
-            prompt, answer = line[:i + 3], line[i + 3]
-            problems.append((tok.encode("\n" + prompt), tok.encode(answer)[0]))
+    for line in lines:
+        i = line.index("?")   # the line's first question ('?x=' then the digit); all_queries lines ask more after it
+        prompt, answer = line[:i + 3], line[i + 3]
+        problems.append((tok.encode("\n" + prompt), tok.encode(answer)[0]))
     return problems
 
 
@@ -472,9 +478,7 @@ def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, ex
     forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
     shows is whether later questions are easier than the first, e.g. answerable by elimination
     (the last letter asked has the one digit of the line not yet given as an answer)."""
-    tok = load_tokenizer(meta)
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    lines = [ln for ln in tok.decode(val[: 256 * (n + 1)].tolist()).split("\n")[:n] if ln.endswith(".")]
+    tok, lines = val_problem_lines(data_dir, meta, n)
     model.eval()
     x = torch.tensor([tok.encode("\n" + ln) for ln in lines], device=device)   # (n, 1 + line length)
     out = model.run(x, n_loops=n_loops, exit_threshold=exit_threshold)

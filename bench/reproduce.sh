@@ -183,12 +183,20 @@ fi
 # question without distractor chains), constant lr 1e-3, no weight decay (1 thread each, so two can
 # share the 2 cores): random 128-token windows as above, then one whole line per row (batch 64)
 [ -f data/lookup3/meta.json ] || python data/prepare.py --name=lookup3 --pairs=3 --n_train=200000
-LK="--dataset=lookup3 --answer_only=True --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --threads=1"
+CONST_LR="--lr=1e-3 --min_lr=1e-3 --weight_decay=0"
+LK="--dataset=lookup3 --answer_only=True $CONST_LR --threads=1"
 run lookup3/standard_windows train.py config/${P}_standard.py $LK --max_iters=12000 --eval_interval=1000
 run lookup3/standard_lines train.py config/${P}_standard.py $LK --line_batches=True --batch_size=64 \
     --max_iters=15000 --eval_interval=500
 ev "lookup3 standard, random windows" $OUT/lookup3/standard_windows/ckpt.pt
 ev "lookup3 standard, one line per row" $OUT/lookup3/standard_lines/ckpt.pt   # (val loss on windows: compare accuracy)
+for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
+  [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
+  case $v in windows) a="--eval_interval=1000";; lines) a="--eval_interval=500 --aligned=1 --batch_size=64";; esac
+  python bench/vanilla_lookup.py --dataset=lookup3 $CONST_LR --max_iters=12000 $a \
+      | tee "$OUT/vanilla_lookup3_$v.tmp"
+  mv "$OUT/vanilla_lookup3_$v.tmp" "$OUT/vanilla_lookup3_$v.txt"
+done
 # the same lines with every letter asked ('r3u2s6?s=6?r=3?u=2.': three answers per line, not one)
 [ -f data/lookup3_aq/meta.json ] || python data/prepare.py --name=lookup3_aq --pairs=3 --all_queries=1 --n_train=200000
 run lookup3_aq/standard_lines train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
@@ -208,13 +216,6 @@ for s in 1337 1; do
       --max_iters=4000 --eval_interval=500 --seed=$s
   ev "lookup3_aq_2m standard, one line per row, seed $s" $OUT/$n/ckpt.pt
 done
-for v in windows lines; do   # and the from-scratch vanilla transformer on the same batches
-  [ -f "$OUT/vanilla_lookup3_$v.txt" ] && continue
-  case $v in windows) a="--eval_interval=1000";; lines) a="--eval_interval=500 --aligned=1 --batch_size=64";; esac
-  python bench/vanilla_lookup.py --dataset=lookup3 --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --max_iters=12000 $a \
-      | tee "$OUT/vanilla_lookup3_$v.tmp"
-  mv "$OUT/vanilla_lookup3_$v.tmp" "$OUT/vanilla_lookup3_$v.txt"
-done
 
 # more signal per line: the 1-hop chains with every variable of a line asked (six answers per line
 # instead of one; the first, scored, question is the 1-hop one), one whole line per row. Standard vs
@@ -223,7 +224,7 @@ done
 # beside other jobs and was resumed (init_from=resume) for the rest with 2.
 [ -f data/reasoning_h1_aq/meta.json ] || python data/prepare.py --name=reasoning_h1_aq --hops=1 --all_queries=1 --n_train=200000
 Q=reasoning_h1_aq; QA="--dataset=$Q --answer_only=True --line_batches=True --batch_size=32"
-QL="$QA --lr=1e-3 --min_lr=1e-3 --weight_decay=0 --max_iters=5000 --eval_interval=500"
+QL="$QA $CONST_LR --max_iters=5000 --eval_interval=500"
 run "$Q/standard" train.py config/${P}_standard.py $QL --threads=1
 run "$Q/looplm" train.py config/${P}_looplm.py $QL --threads=2
 run "$Q/phase1" train.py config/${P}_transition.py $QA --init_from=$OUT/$Q/looplm/ckpt.pt
