@@ -81,7 +81,7 @@ def naive_forward(model, idx, bounds, n_loops=None, alpha=1.0):
         if r == 0:
             return x
         if kind == "learned":
-            z = torch.sigmoid(x @ g.w_z.weight + s @ g.u_z.weight + g.b_z)
+            z = torch.sigmoid(x @ g.w_z.weight.T + s @ g.u_z.weight.T + g.b_z)
         elif kind == "scalar":
             z = torch.sigmoid(g.w)
         elif kind == "mean":
@@ -95,7 +95,7 @@ def naive_forward(model, idx, bounds, n_loops=None, alpha=1.0):
         return z * s + (1 - z) * x
 
     def kv_rows(blk, inp, pos):
-        kv = inp @ blk.attn.kv_proj.weight
+        kv = inp @ blk.attn.kv_proj.weight.T
         k, v = kv[:nkv * hs].view(nkv, hs), kv[nkv * hs:].view(nkv, hs)
         return torch.stack([rope(k[j], pos) for j in range(nkv)]), v
 
@@ -119,7 +119,7 @@ def naive_forward(model, idx, bounds, n_loops=None, alpha=1.0):
                             loop_rows[r, l, t] = cur_loop[t]
                         new_h = {}
                         for t in h:
-                            q = (x[t] @ blk.attn.q_proj.weight).view(nh, hs)
+                            q = (x[t] @ blk.attn.q_proj.weight.T).view(nh, hs)
                             q = torch.stack([rope(q[j], t) for j in range(nh)])
                             rows = []
                             for j in range(t + 1):
@@ -139,12 +139,12 @@ def naive_forward(model, idx, bounds, n_loops=None, alpha=1.0):
                                 g = j // (nh // nkv)
                                 w = torch.softmax(K[g] @ q[j] / math.sqrt(hs), 0)
                                 heads.append(w @ V[g])
-                            a = torch.cat(heads) @ blk.attn.o_proj.weight
+                            a = torch.cat(heads) @ blk.attn.o_proj.weight.T
                             hh = h[t] + rms(a, blk.attn_out_norm.weight)
                             m_in = rms(hh, blk.mlp_in_norm.weight)
-                            gu = m_in @ blk.mlp.gate_up.weight
+                            gu = m_in @ blk.mlp.gate_up.weight.T
                             gt, up = gu[:cfg.mlp_hidden], gu[cfg.mlp_hidden:]
-                            m = (gt * torch.sigmoid(gt) * up) @ blk.mlp.down_proj.weight
+                            m = (gt * torch.sigmoid(gt) * up) @ blk.mlp.down_proj.weight.T
                             new_h[t] = hh + rms(m, blk.mlp_out_norm.weight)
                         h = new_h
                     h = {t: rms(h[t], model.norm.weight) for t in h}
@@ -163,7 +163,7 @@ def chunks(T, size, start=0):
 
 def naive_logits(model, idx, bounds, **kw):
     """Logits of the last loop (exit_threshold=1 picks it for these models)."""
-    return naive_forward(model, idx, bounds, **kw)[-1] @ model.lm_head.weight
+    return naive_forward(model, idx, bounds, **kw)[-1] @ model.lm_head.weight.T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,9 +492,9 @@ def run_train(data, out, *extra, objective_cls=trainer.LMObjective):
                                   ["--n_loop=3", "--cache=shared"], ["--n_loop=2", "--cache=shared", "--gate=mean"]])
 def test_training_loss_falls(tiny_data, tmp_path, mode):
     """A standard transformer, a LoopLM and MELT (chunk-wise) each lower the validation loss on a
-    tiny run by a clear margin."""
+    tiny run by a clear margin: below 0.6 of where it started (30 steps reach 0.44-0.50)."""
     _, log = run_train(tiny_data, tmp_path, *mode)
-    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0
+    assert log[-1]["val_loss"] < 0.6 * log[0]["val_loss"]
 
 
 def test_transition_at_alpha0_reproduces_the_looplm(tiny_data, tmp_path):

@@ -28,7 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from melt import MELT, Linear, MeltConfig  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from melt import CPU_DECODE_COMPILE_OPTIONS, MELT, MeltConfig  # noqa: E402
 
 CONFIG = dict(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_loop=4, block_size=8192, chunk_size=64)
 MODELS = {"LoopLM": dict(cache="loop"), "MELT": dict(cache="shared"), "MELT gate=mean": dict(cache="shared", gate="mean")}
@@ -62,25 +64,28 @@ def weight_mb_per_token(model):
 
 
 def matvec_ceiling(model, repeats=100):
-    """Tokens/s if a decode step did nothing but its matrix-vector products: every Linear of
-    every block once per loop (and the LM head once), on the model's own weights, back to back.
-    The ceiling for float32 decoding on this machine; the rest of a real step is overhead."""
-    loop = [m.weight for m in model.blocks.modules() if isinstance(m, Linear)]
-    head = model.lm_head.weight                                       # (C, V)
-    xs = {w.shape[0]: torch.randn(1, 1, w.shape[0]) for w in loop + [head]}
+    """Tokens/s if a compiled decode step did nothing but its matrix-vector products: every
+    projection of every block once per loop (and the LM head once), on the model's own weights,
+    back to back, compiled as MELT.decode_step_fixed(compile=True) compiles them on a CPU. What
+    the rest of a real step (attention, norms, RoPE, the cache writes, the call) leaves of it is
+    the overhead."""
+    loop = [m.weight for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]   # (out, in)
+    head = model.lm_head.weight                                                         # (V, C)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in loop + [head]}
 
-    def one_token():
+    def one_token(xs, head, *loop):
+        out = []
         for _ in range(model.config.n_loop):
-            for w in loop:
-                xs[w.shape[0]] @ w
-        xs[head.shape[0]] @ head
+            out += [F.linear(xs[w.shape[1]], w) for w in loop]
+        return out + [F.linear(xs[head.shape[1]], head)]
 
+    one_token = torch.compile(one_token, options=CPU_DECODE_COMPILE_OPTIONS)
     with torch.inference_mode():
         for _ in range(10):
-            one_token()
+            one_token(xs, head, *loop)
         t = time.perf_counter()
         for _ in range(repeats):
-            one_token()
+            one_token(xs, head, *loop)
     return repeats / (time.perf_counter() - t)
 
 
