@@ -217,6 +217,16 @@ for s in 1337 1; do
   ev "lookup3_aq_2m standard, one line per row, seed $s" $OUT/$n/ckpt.pt
 done
 
+# the same lines, 3 seeds, with the optimizer of a plain PyTorch loop that did learn this task in
+# probes (AdamW betas (0.9, 0.95), no gradient clipping, no warmup): do train.py's beta2=0.99,
+# clipping at 1 and 50 warmup steps hold the first question at chance?
+for s in 1337 1 2; do
+  n=lookup3_aq/standard_lines_b95; [ $s = 1337 ] || n=${n}_s$s
+  run $n train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True --batch_size=64 \
+      --max_iters=5000 --eval_interval=500 --beta2=0.95 --grad_clip=0 --warmup_iters=0 --seed=$s
+  ev "lookup3_aq standard, one line per row, betas (0.9, 0.95), no clip, no warmup, seed $s" $OUT/$n/ckpt.pt
+done
+
 # more signal per line: the 1-hop chains with every variable of a line asked (six answers per line
 # instead of one; the first, scored, question is the 1-hop one), one whole line per row. Standard vs
 # LoopLM vs MELT on the same batches; evaluate.py adds the accuracy of each question of a line (the
