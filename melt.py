@@ -126,8 +126,8 @@ def apply_rope(x, cos, sin_signed):
 
 class Attention(nn.Module):
     """The projections of one attention layer, no biases (Ouro). Keys and values share one
-    matrix kv_proj = [W_K | W_V] (one read instead of two when decoding); queries have their own
-    because in shared mode they come from x while keys/values come from the latent s. The
+    matrix kv_proj, W_K's rows then W_V's (one read instead of two when decoding); queries have
+    their own because in shared mode they come from x while keys/values come from the latent s. The
     attention itself is in MELT._attend: which keys a query sees depends on the cache layout."""
 
     def __init__(self, cfg):
@@ -138,7 +138,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with [W_gate | W_up] in one matrix gate_up."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with W_gate's and W_up's rows in one matrix gate_up."""
 
     def __init__(self, cfg):
         super().__init__()

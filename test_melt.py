@@ -723,6 +723,62 @@ def test_all_queries_lookup_lines_ask_every_letter_once(tmp_path):
     assert [("".join(chars[i] for i in p), chars[a]) for p, a in problems] == [("\n" + ln[:9], ln[9]) for ln in lines]
 
 
+
+
+def test_lookup_lines_with_queries_drawn_with_replacement(tmp_path):
+    """data/prepare.py --pairs=3 --queries=3: three questions a line, each answered by the digit
+    written right after its letter in the pairs (read from the line's characters); the first is
+    the plain line's for the same random state; over many lines letters repeat and go unasked
+    (drawn with replacement: a repeat of the previous letter about 1/3 of the time), so the last
+    answer cannot be found by elimination. The files hold lines of one length."""
+    import random
+    repeats, unasked = 0, 0
+    for seed in range(300):
+        prompt, rest = prepare.lookup_problem(random.Random(seed), 3, queries=3)
+        assert (prompt, rest[0]) == prepare.lookup_problem(random.Random(seed), 3)
+        line = prompt + rest
+        pairs, questions = line[:6], line[6:].split("?")[1:]          # ['s=6', 's=6', 'r=3']
+        assert len(questions) == 3
+        for q in questions:
+            assert len(q) == 3 and q[1] == "=" and q[2] == pairs[pairs.index(q[0]) + 1]
+        repeats += questions[1][0] == questions[2][0]
+        unasked += len({q[0] for q in questions}) < 3
+    assert 70 < repeats < 130 and unasked > 150                       # 1/3 and 7/9 of 300
+    prepare.prepare_reasoning(str(tmp_path), n_train=100, n_val=20, pairs=3, queries=3)
+    meta = trainer.load_meta(str(tmp_path))
+    assert meta["queries"] == 3
+    chars = meta["chars"]
+    lines = "".join(chars[i] for i in np.fromfile(tmp_path / "val.bin", dtype=np.uint16)).split("\n")[:-1]
+    assert {len(line) for line in lines} == {19}
+    with pytest.raises(ValueError):
+        prepare.prepare_reasoning(str(tmp_path / "bad"), n_train=10, n_val=10, pairs=3, all_queries=True, queries=3)
+def test_hidden_answers_are_targets_only(tmp_path):
+    """Batches(blank=...) (train.py --hide_answers): on every-letter lookup lines each answer digit
+    reads '.' in the inputs, at exactly the places the line's characters put an answer (3 after a
+    '?'), every other input and every target are those of the plain batch, and the targets still
+    hold the digits; without answer_only it is refused."""
+    prepare.prepare_reasoning(str(tmp_path), n_train=300, n_val=40, pairs=3, all_queries=True)
+    meta = trainer.load_meta(str(tmp_path))
+    chars = meta["chars"]
+    nl, q, dot = chars.index("\n"), chars.index("?"), chars.index(".")
+    cpu = torch.device("cpu")
+    shown = trainer.Batches(str(tmp_path), 64, 8, 1, seed=3, answer_after=q, line_token=nl)
+    hidden = trainer.Batches(str(tmp_path), 64, 8, 1, seed=3, answer_after=q, line_token=nl,
+                             blank=trainer.answer_blank(meta, True))
+    x, y = shown.get("train", 4, 0, cpu)
+    xh, yh = hidden.get("train", 4, 0, cpu)
+    assert torch.equal(y, yh)
+    for rx, rxh, ry in zip(x.tolist(), xh.tolist(), yh.tolist()):
+        line = "".join(chars[i] for i in rx)                          # '\nr3u2s6?s=6?r=3?u=2'
+        answers = {line.index("?", 7) + 3 + 4 * k for k in range(3)}  # the digit after each '?x='
+        assert [t for t, v in enumerate(rxh) if v != rx[t]] == sorted(answers)  # only the answers differ
+        assert all(rxh[t] == dot for t in answers)
+        assert [t + 1 for t, v in enumerate(ry) if v != -1] == sorted(answers)   # y[t] = x[t+1]
+        assert all(chars[ry[t - 1]].isdigit() for t in answers)
+    with pytest.raises(trainer.ConfigError, match="answer_only"):
+        trainer.Batches(str(tmp_path), 64, 8, 1, line_token=nl, blank=dot)
+
+
 def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
     """train.task_accuracy_by_question on all_queries lookup lines: a causal oracle that looks each
     asked letter up in the line's pairs (written here, independently of the eval's indexing)

@@ -61,6 +61,7 @@ class TrainConfig:
     task_eval_n: int = 200               # reasoning dataset: problems per exact-match accuracy eval
     answer_only: bool = False            # reasoning dataset: score only the answer digits (the token 2 after '?')
     line_batches: bool = False           # reasoning dataset: each row one whole problem line (lines of one length), not a random window
+    hide_answers: bool = False           # with answer_only: answer digits are targets only; inputs read '.' there (no elimination)
     log_interval: int = 10               # steps between progress-bar updates
     sample_tokens: int = 300             # tokens sampled at the end, at most the context (0: none)
     seed: int = 1337                     # fixes the init and the data order
@@ -150,15 +151,20 @@ class Batches:
     process with grad_accum=2 and two processes with grad_accum=1 see the same data, and a
     resumed run continues the same sequence. The data position is the step number.
     line_token: rows are whole lines instead ('\\n' + one problem, every line one length: the
-    question always at the same position, no earlier problems in the context)."""
+    question always at the same position, no earlier problems in the context).
+    blank (with answer_after): a token id that replaces every answer digit in the inputs, so the
+    answers are targets only and a later question cannot use the earlier answers."""
 
     def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0, answer_after=None,
-                 line_token=None):
+                 line_token=None, blank=None):
         self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
                      for s in ("train", "val")}
         self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
         self.rank, self.world, self.seed = rank, world, seed
         self.answer_after = answer_after   # a token id: keep only targets 2 tokens after it ('?x=' -> digit)
+        self.blank = blank
+        if blank is not None and answer_after is None:
+            raise ConfigError("hiding the answers needs answer_only=True (the answers are found by their '?')")
         for split, d in self.data.items():
             if len(d) <= block_size + 1:
                 raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
@@ -189,6 +195,10 @@ class Batches:
             is_answer = torch.zeros_like(y, dtype=torch.bool)
             is_answer[:, 2:] = x[:, :-2] == self.answer_after
             y = y.masked_fill(~is_answer, -1)   # -1: ignored by every loss
+            if self.blank is not None:      # x[t] is an answer when x[t-3] is the marker
+                in_x = torch.zeros_like(x, dtype=torch.bool)
+                in_x[:, 3:] = x[:, :-3] == self.answer_after
+                x = x.masked_fill(in_x, self.blank)   # a new tensor: y keeps the digits
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
@@ -202,6 +212,12 @@ def answer_marker(meta, answer_only, dataset):
     if not meta.get("task"):
         raise ConfigError(f"answer_only=True needs a reasoning dataset; {dataset!r} has no answers to score")
     return load_tokenizer(meta).encode("?")[0]
+
+
+def answer_blank(meta, hide_answers):
+    """The token id that Batches(blank=...) writes over the answers in the inputs: '.'; None
+    unless hide_answers."""
+    return load_tokenizer(meta).encode(".")[0] if hide_answers else None
 
 
 def line_token(meta, cfg):
@@ -472,20 +488,24 @@ def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_thresh
 
 
 @torch.no_grad()
-def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None):
+def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None, hide_answers=False):
     """[accuracy of question 1, of question 2, ...] over the first n val lines of an all_queries
-    dataset (every line asks the same number of questions). Each line is read whole in one
+    or queries > 1 dataset (every line asks the same number of questions). Each line is read whole in one
     forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
     shows is whether later questions are easier than the first, e.g. answerable by elimination
-    (the last letter asked has the one digit of the line not yet given as an answer)."""
+    (the last letter asked has the one digit of the line not yet given as an answer).
+    hide_answers: the answers read '.' in the input, as a run trained with hide_answers saw them."""
     tok, lines = val_problem_lines(data_dir, meta, n)
     model.eval()
     x = torch.tensor([tok.encode("\n" + ln) for ln in lines], device=device)   # (n, 1 + line length)
-    out = model.run(x, n_loops=n_loops, exit_threshold=exit_threshold)
-    pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
-    model.train()
     # '?' at line index i is x index i+1; the answer is x[:, i+4] ('?', letter, '='), predicted at i+3
     asks = [i for i, ch in enumerate(lines[0]) if ch == "?"]
+    inp = x.clone()
+    if hide_answers:
+        inp[:, [i + 4 for i in asks]] = tok.encode(".")[0]
+    out = model.run(inp, n_loops=n_loops, exit_threshold=exit_threshold)
+    pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
+    model.train()
     return [(pred[:, i + 3] == x[:, i + 4]).sum().item() / len(lines) for i in asks]
 
 
@@ -582,7 +602,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     rt = Runtime(cfg)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
     batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
-                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset), line_token(meta, cfg))
+                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset), line_token(meta, cfg),
+                      answer_blank(meta, cfg.hide_answers))
     problems = task_problems(data_dir, meta, cfg.task_eval_n) if meta.get("task") else None
     objective = objective_cls(raw, cfg)
     step_fn = ddp = objective

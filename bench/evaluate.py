@@ -48,7 +48,9 @@ def main(argv):
     # seed 1337 whatever the run trained with: every model is scored on the same windows; a run
     # trained with answer_only=True is scored on the answer digits only, as it was trained
     answer_after = T.answer_marker(meta, tcfg.get("answer_only", False), tcfg["dataset"])
-    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337, answer_after=answer_after)
+    hide = tcfg.get("hide_answers", False)   # trained with the answers blanked in the inputs: scored so too
+    batches = T.Batches(data_dir, model.config.block_size, 16, 1, seed=1337, answer_after=answer_after,
+                        blank=T.answer_blank(meta, hide))
     losses, loop_ce, exit_p = [], [], []
     ce = lambda logits, y: T.token_ce(logits, y).item()
     with torch.no_grad():
@@ -68,9 +70,10 @@ def main(argv):
             problems = T.task_problems(data_dir, meta, 200)
             rec["task_acc"] = T.task_accuracy(model, problems, torch.device("cpu"), n_loops=n_loops,
                                               exit_threshold=threshold)
-            if meta.get("all_queries"):   # every variable asked: accuracy of each question of a line
+            if meta.get("all_queries") or meta.get("queries", 1) > 1:   # several questions a line: each one's accuracy
                 rec["task_acc_by_question"] = [round(a, 3) for a in T.task_accuracy_by_question(
-                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold)]
+                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold,
+                    hide_answers=hide)]
         cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
         newline = T.load_tokenizer(meta).encode("\n")[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about ten hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about eleven hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~1.5 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -217,15 +217,36 @@ for s in 1337 1; do
   ev "lookup3_aq_2m standard, one line per row, seed $s" $OUT/$n/ckpt.pt
 done
 
-# the same lines, 3 seeds, with the optimizer of a plain PyTorch loop that did learn this task in
-# probes (AdamW betas (0.9, 0.95), no gradient clipping, no warmup): do train.py's beta2=0.99,
-# clipping at 1 and 50 warmup steps hold the first question at chance?
-for s in 1337 1 2; do
-  n=lookup3_aq/standard_lines_b95; [ $s = 1337 ] || n=${n}_s$s
-  run $n train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True --batch_size=64 \
-      --max_iters=5000 --eval_interval=500 --beta2=0.95 --grad_clip=0 --warmup_iters=0 --seed=$s
-  ev "lookup3_aq standard, one line per row, betas (0.9, 0.95), no clip, no warmup, seed $s" $OUT/$n/ckpt.pt
-done
+b95() {  # b95 DATA NAME LABEL [ARGS...]: standard model, one line per row, 5,000 steps, the optimizer
+  # of the plain PyTorch loop in bench/lookup_probe.py (AdamW betas (0.9, 0.95), no clipping, no
+  # warmup), seeds 1337 and 1; then the evaluations
+  local data=$1 name=$2 label=$3 s n; shift 3
+  for s in 1337 1; do
+    n=$name; [ $s = 1337 ] || n=${n}_s$s
+    run $n train.py config/${P}_standard.py ${LK/lookup3/$data} --line_batches=True --batch_size=64 \
+        --max_iters=5000 --eval_interval=500 --beta2=0.95 --grad_clip=0 --warmup_iters=0 "$@" --seed=$s
+    ev "$label, seed $s" $OUT/$n/ckpt.pt
+  done
+}
+# the same lines with that optimizer: do train.py's beta2=0.99, clipping at 1 and 50 warmup steps
+# hold the first question at chance?
+b95 lookup3_aq lookup3_aq/standard_lines_b95 "lookup3_aq standard, one line per row, betas (0.9, 0.95), no clip, no warmup"
+# outside train.py (bench/lookup_probe.py, a plain PyTorch loop, fresh lines every step, the same
+# optimizer): the every-letter lines with the answers shown (as train.py reads them) or hidden
+# (targets only, never inputs, so nothing can be found by elimination); 3 seeds each
+mkdir -p $OUT/lookup_probe
+for f in shown hidden; do for s in 1 2 3; do
+  t=$OUT/lookup_probe/${f}_$s.txt
+  [ -f $t ] || { python bench/lookup_probe.py --form=$f --seed=$s > $t.tmp && mv $t.tmp $t; }
+done; done
+# back in train.py: lookup lines whose extra questions are drawn with replacement
+# ('r3u2s6?s=6?s=6?r=3.': letters repeat or go unasked, so no answer follows by elimination)
+[ -f data/lookup3_q3/meta.json ] || python data/prepare.py --name=lookup3_q3 --pairs=3 --queries=3 --n_train=200000
+b95 lookup3_q3 lookup3_q3/standard_lines_b95 "lookup3_q3 standard, one line per row, betas (0.9, 0.95), no clip, no warmup"
+# and the every-letter lines with the answers hidden as in the probe (--hide_answers=True: each
+# answer digit is a target only and reads '.' in the inputs)
+b95 lookup3_aq lookup3_aq/standard_lines_hidden "lookup3_aq standard, one line per row, answers hidden, betas (0.9, 0.95)" \
+    --hide_answers=True
 
 # more signal per line: the 1-hop chains with every variable of a line asked (six answers per line
 # instead of one; the first, scored, question is the 1-hop one), one whole line per row. Standard vs
@@ -245,5 +266,19 @@ for g in last mean first; do ev "$Q zero-shot gate=$g" $OUT/$Q/looplm/ckpt.pt --
 ev "$Q MELT phase 1" $OUT/$Q/phase1/ckpt.pt
 ev "$Q MELT phase 1+2" $OUT/$Q/phase2/ckpt.pt
 for n in 1 2 6 8; do ev "$Q LoopLM n_loops=$n" $OUT/$Q/looplm/ckpt.pt --n_loops=$n; done
+
+# the same chain lines with the answers hidden (--hide_answers=True: targets only, '.' in the
+# inputs, so no answer follows by elimination or counting), the lookup probe's optimizer, 3,000 steps
+QH="$QA --hide_answers=True"; QHL="$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=3000 --eval_interval=500"
+run "$Q/hidden_standard" train.py config/${P}_standard.py $QHL --threads=1
+run "$Q/hidden_looplm" train.py config/${P}_looplm.py $QHL --threads=1
+run "$Q/hidden_phase1" train.py config/${P}_transition.py $QH --init_from=$OUT/$Q/hidden_looplm/ckpt.pt
+run "$Q/hidden_phase2" distill.py config/${P}_distill.py $QH --teacher=$OUT/$Q/hidden_looplm/ckpt.pt --init_from=$OUT/$Q/hidden_phase1/ckpt.pt
+ev "$Q answers hidden: standard" $OUT/$Q/hidden_standard/ckpt.pt
+ev "$Q answers hidden: LoopLM" $OUT/$Q/hidden_looplm/ckpt.pt
+for g in last mean first; do ev "$Q answers hidden: zero-shot gate=$g" $OUT/$Q/hidden_looplm/ckpt.pt --cache=shared --gate=$g; done
+ev "$Q answers hidden: MELT phase 1" $OUT/$Q/hidden_phase1/ckpt.pt
+ev "$Q answers hidden: MELT phase 1+2" $OUT/$Q/hidden_phase2/ckpt.pt
+for n in 1 2 6 8; do ev "$Q answers hidden: LoopLM n_loops=$n" $OUT/$Q/hidden_looplm/ckpt.pt --n_loops=$n; done
 
 python bench/report.py "$OUT"

