@@ -490,8 +490,8 @@ def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_thresh
 @torch.no_grad()
 def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None, hide_answers=False):
     """[accuracy of question 1, of question 2, ...] over the first n val lines of an all_queries
-    or queries > 1 dataset (every line asks the same number of questions). Each line is read whole in one
-    forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
+    or queries > 1 dataset (every line asks the same number of questions). Each line is read
+    whole in one forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
     shows is whether later questions are easier than the first, e.g. answerable by elimination
     (the last letter asked has the one digit of the line not yet given as an answer).
     hide_answers: the answers read '.' in the input, as a run trained with hide_answers saw them."""
@@ -502,7 +502,7 @@ def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, ex
     asks = [i for i, ch in enumerate(lines[0]) if ch == "?"]
     inp = x.clone()
     if hide_answers:
-        inp[:, [i + 4 for i in asks]] = tok.encode(".")[0]
+        inp[:, [i + 4 for i in asks]] = answer_blank(meta, True)
     out = model.run(inp, n_loops=n_loops, exit_threshold=exit_threshold)
     pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
     model.train()
