@@ -816,6 +816,46 @@ def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
     assert by_question[0] == trainer.task_accuracy(model, trainer.task_problems(str(tmp_path), meta, 30), cpu)
 
 
+
+def test_accuracy_by_question_with_hidden_answers_blanks_only_the_inputs(tmp_path):
+    """task_accuracy_by_question(hide_answers=True), as for a run trained with --hide_answers: the
+    model reads '.' at every answer (3 after each '?') and the line's own characters elsewhere,
+    and is still scored against the true digits: an oracle that looks each letter up in the pairs
+    scores 1 on every question, one that answers the digit it reads right after '=' scores 0."""
+    prepare.prepare_reasoning(str(tmp_path), n_train=50, n_val=30, pairs=3, all_queries=True)
+    meta = trainer.load_meta(str(tmp_path))
+    chars, V = meta["chars"], meta["vocab_size"]
+    seen = []
+
+    class Oracle:
+        def __init__(self, peek):
+            self.peek = peek   # answer with the token after '=' in the input (the answer, unless hidden)
+        def eval(self):
+            return self
+        def train(self):
+            return self
+        def lm_head(self, onehot):
+            return onehot
+        def run(self, x, n_loops=None, exit_threshold=None):
+            pred = torch.zeros(*x.shape, V)
+            for b, row in enumerate(x.tolist()):
+                text = "".join(chars[t] for t in row)
+                seen.append(text)
+                for j in range(2, len(text) - 1):
+                    if text[j] == "=" and text[j - 2] == "?":
+                        answer = text[j + 1] if self.peek else text[text.index(text[j - 1]) + 1]
+                        pred[b, j, chars.index(answer)] = 1.0
+            return SimpleNamespace(selected=pred)
+
+    cpu = torch.device("cpu")
+    assert trainer.task_accuracy_by_question(Oracle(False), str(tmp_path), meta, 30, cpu, hide_answers=True) == [1.0] * 3
+    for text in seen:
+        asks = [k for k, ch in enumerate(text) if ch == "?"]
+        assert len(asks) == 3 and all(text[k + 3] == "." for k in asks)
+        assert all(ch.isdigit() for ch in text[2:7:2])                 # the pairs' digits are untouched
+    assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu, hide_answers=True) == [0.0] * 3
+    assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu) == [1.0] * 3
+
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer
     digits (found here from the text: the character after '?<var>='), the rest are -1, and the

@@ -256,29 +256,26 @@ b95 lookup3_aq lookup3_aq/standard_lines_hidden "lookup3_aq standard, one line p
 [ -f data/reasoning_h1_aq/meta.json ] || python data/prepare.py --name=reasoning_h1_aq --hops=1 --all_queries=1 --n_train=200000
 Q=reasoning_h1_aq; QA="--dataset=$Q --answer_only=True --line_batches=True --batch_size=32"
 QL="$QA $CONST_LR --max_iters=5000 --eval_interval=500"
-run "$Q/standard" train.py config/${P}_standard.py $QL --threads=1
-run "$Q/looplm" train.py config/${P}_looplm.py $QL --threads=2
-run "$Q/phase1" train.py config/${P}_transition.py $QA --init_from=$OUT/$Q/looplm/ckpt.pt
-run "$Q/phase2" distill.py config/${P}_distill.py $QA --teacher=$OUT/$Q/looplm/ckpt.pt --init_from=$OUT/$Q/phase1/ckpt.pt
-ev "$Q standard" $OUT/$Q/standard/ckpt.pt   # (val loss on windows: compare accuracy)
-ev "$Q LoopLM" $OUT/$Q/looplm/ckpt.pt
-for g in last mean first; do ev "$Q zero-shot gate=$g" $OUT/$Q/looplm/ckpt.pt --cache=shared --gate=$g; done
-ev "$Q MELT phase 1" $OUT/$Q/phase1/ckpt.pt
-ev "$Q MELT phase 1+2" $OUT/$Q/phase2/ckpt.pt
-for n in 1 2 6 8; do ev "$Q LoopLM n_loops=$n" $OUT/$Q/looplm/ckpt.pt --n_loops=$n; done
+line_runs() {  # line_runs NAME_PREFIX LABEL "TRAIN_ARGS" "PHASE_ARGS" STD_THREADS LOOP_THREADS: on the
+  # chain lines, standard and LoopLM, MELT phases 1 and 2 from that LoopLM, then the evaluations
+  local p=$1 label=$2 targs=$3 pargs=$4 g n
+  run "$Q/${p}standard" train.py config/${P}_standard.py $targs --threads=$5
+  run "$Q/${p}looplm" train.py config/${P}_looplm.py $targs --threads=$6
+  run "$Q/${p}phase1" train.py config/${P}_transition.py $pargs --init_from=$OUT/$Q/${p}looplm/ckpt.pt
+  run "$Q/${p}phase2" distill.py config/${P}_distill.py $pargs --teacher=$OUT/$Q/${p}looplm/ckpt.pt \
+      --init_from=$OUT/$Q/${p}phase1/ckpt.pt
+  ev "$label standard" $OUT/$Q/${p}standard/ckpt.pt   # (val loss on windows: compare accuracy)
+  ev "$label LoopLM" $OUT/$Q/${p}looplm/ckpt.pt
+  for g in last mean first; do ev "$label zero-shot gate=$g" $OUT/$Q/${p}looplm/ckpt.pt --cache=shared --gate=$g; done
+  ev "$label MELT phase 1" $OUT/$Q/${p}phase1/ckpt.pt
+  ev "$label MELT phase 1+2" $OUT/$Q/${p}phase2/ckpt.pt
+  for n in 1 2 6 8; do ev "$label LoopLM n_loops=$n" $OUT/$Q/${p}looplm/ckpt.pt --n_loops=$n; done
+}
+line_runs "" "$Q" "$QA $CONST_LR --max_iters=5000 --eval_interval=500" "$QA" 1 2
 
 # the same chain lines with the answers hidden (--hide_answers=True: targets only, '.' in the
 # inputs, so no answer follows by elimination or counting), the lookup probe's optimizer, 3,000 steps
-QH="$QA --hide_answers=True"; QHL="$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=3000 --eval_interval=500"
-run "$Q/hidden_standard" train.py config/${P}_standard.py $QHL --threads=1
-run "$Q/hidden_looplm" train.py config/${P}_looplm.py $QHL --threads=1
-run "$Q/hidden_phase1" train.py config/${P}_transition.py $QH --init_from=$OUT/$Q/hidden_looplm/ckpt.pt
-run "$Q/hidden_phase2" distill.py config/${P}_distill.py $QH --teacher=$OUT/$Q/hidden_looplm/ckpt.pt --init_from=$OUT/$Q/hidden_phase1/ckpt.pt
-ev "$Q answers hidden: standard" $OUT/$Q/hidden_standard/ckpt.pt
-ev "$Q answers hidden: LoopLM" $OUT/$Q/hidden_looplm/ckpt.pt
-for g in last mean first; do ev "$Q answers hidden: zero-shot gate=$g" $OUT/$Q/hidden_looplm/ckpt.pt --cache=shared --gate=$g; done
-ev "$Q answers hidden: MELT phase 1" $OUT/$Q/hidden_phase1/ckpt.pt
-ev "$Q answers hidden: MELT phase 1+2" $OUT/$Q/hidden_phase2/ckpt.pt
-for n in 1 2 6 8; do ev "$Q answers hidden: LoopLM n_loops=$n" $OUT/$Q/hidden_looplm/ckpt.pt --n_loops=$n; done
+QH="$QA --hide_answers=True"
+line_runs hidden_ "$Q answers hidden:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=3000 --eval_interval=500" "$QH" 1 1
 
 python bench/report.py "$OUT"
