@@ -856,6 +856,49 @@ def test_accuracy_by_question_with_hidden_answers_blanks_only_the_inputs(tmp_pat
     assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu, hide_answers=True) == [0.0] * 3
     assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu) == [1.0] * 3
 
+def test_accuracy_by_hops_groups_the_questions_of_a_chain_line_by_depth(tmp_path):
+    """train.question_hops counts the lookups behind each question (checked on lines written by
+    hand), and task_accuracy_by_hops scores every question of each depth: on 1-hop lines with every
+    variable asked (three 0-hop and three 1-hop questions a line), an oracle that follows the chain
+    scores 1 at both depths; one that only answers a variable assigned a digit (and says '0'
+    otherwise) scores 1 at 0 hops and, at 1 hop, exactly the share of questions whose answer is 0."""
+    assert trainer.question_hops("r=4;b=r;?b=4;?r=4.") == [1, 0]
+    assert trainer.question_hops("k=f;d=5;f=d;?k=5;?f=5;?d=5.") == [2, 1, 0]
+    prepare.prepare_reasoning(str(tmp_path), hops=1, n_train=50, n_val=40, all_queries=True)
+    meta = trainer.load_meta(str(tmp_path))
+    chars, V = meta["chars"], meta["vocab_size"]
+
+    class Oracle:
+        def __init__(self, follow):
+            self.follow = follow
+        def eval(self):
+            return self
+        def train(self):
+            return self
+        def lm_head(self, onehot):
+            return onehot
+        def run(self, x, n_loops=None, exit_threshold=None):
+            pred = torch.zeros(*x.shape, V)
+            for b, row in enumerate(x.tolist()):
+                text = "".join(chars[t] for t in row)
+                for j in range(2, len(text)):
+                    if text[j] == "=" and text[j - 2] == "?":
+                        value = text[text.index(text[j - 1] + "=") + 2]   # its statement's right-hand side
+                        while self.follow and not value.isdigit():
+                            value = text[text.index(value + "=") + 2]
+                        pred[b, j, chars.index(value if value.isdigit() else "0")] = 1.0
+            return SimpleNamespace(selected=pred)
+
+    cpu = torch.device("cpu")
+    _, lines = trainer.val_problem_lines(str(tmp_path), meta, 40)
+    assert all(sorted(trainer.question_hops(line)) == [0, 0, 0, 1, 1, 1] for line in lines)
+    assert trainer.task_accuracy_by_hops(Oracle(True), str(tmp_path), meta, 40, cpu) == {0: 1.0, 1: 1.0}
+    answers = [line[i + 3] for line in lines for i, h in zip([k for k, ch in enumerate(line) if ch == "?"],
+                                                              trainer.question_hops(line)) if h == 1]
+    zeros = answers.count("0") / len(answers)
+    assert trainer.task_accuracy_by_hops(Oracle(False), str(tmp_path), meta, 40, cpu) == {0: 1.0, 1: zeros}
+
+
 def test_answer_only_batches_keep_exactly_the_answer_digits(tmp_path):
     """train.py --answer_only=True: in every window the targets left are exactly the answer
     digits (found here from the text: the character after '?<var>='), the rest are -1, and the

@@ -488,12 +488,11 @@ def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_thresh
 
 
 @torch.no_grad()
-def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None, hide_answers=False):
-    """[accuracy of question 1, of question 2, ...] over the first n val lines of an all_queries
-    or queries > 1 dataset (every line asks the same number of questions). Each line is read
-    whole in one forward pass, as in training, so question k sees the answers to questions 1..k-1: what this
-    shows is whether later questions are easier than the first, e.g. answerable by elimination
-    (the last letter asked has the one digit of the line not yet given as an answer).
+def question_hits(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None, hide_answers=False):
+    """(lines, hits): the first n val lines of an all_queries or queries > 1 dataset (every line
+    asks the same number of questions) and a (lines, questions) bool tensor, True where the model's
+    greedy answer to that question of that line is right. Each line is read whole in one forward
+    pass, as in training, so question k sees the answers to questions 1..k-1.
     hide_answers: the answers read '.' in the input, as a run trained with hide_answers saw them."""
     tok, lines = val_problem_lines(data_dir, meta, n)
     model.eval()
@@ -506,7 +505,34 @@ def task_accuracy_by_question(model, data_dir, meta, n, device, n_loops=None, ex
     out = model.run(inp, n_loops=n_loops, exit_threshold=exit_threshold)
     pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
     model.train()
-    return [(pred[:, i + 3] == x[:, i + 4]).sum().item() / len(lines) for i in asks]
+    return lines, torch.stack([pred[:, i + 3] == x[:, i + 4] for i in asks], dim=1)   # (n, questions)
+
+
+def task_accuracy_by_question(model, data_dir, meta, n, device, **kw):
+    """[accuracy of question 1, of question 2, ...] of a line (question_hits): whether later
+    questions are easier than the first, e.g. answerable by elimination (the last letter asked has
+    the one digit of the line not yet given as an answer)."""
+    lines, hits = question_hits(model, data_dir, meta, n, device, **kw)
+    return (hits.sum(0).double() / len(lines)).tolist()
+
+
+def question_hops(line):
+    """The hops of each question of a chain line, in order: 0 for a variable assigned a digit,
+    1 + the hops of its right-hand side otherwise. 'r=4;b=r;?b=4;?r=4.' -> [1, 0]."""
+    assigned = dict(stmt.split("=") for stmt in line[:line.index("?")].rstrip(";").split(";"))
+    hops = lambda v: 0 if assigned[v].isdigit() else 1 + hops(assigned[v])
+    return [hops(line[i + 1]) for i, ch in enumerate(line) if ch == "?"]
+
+
+def task_accuracy_by_hops(model, data_dir, meta, n, device, **kw):
+    """{hops: accuracy over every question of that many hops} on chain lines with every variable
+    asked (question_hits): which depth of lookup a model has learned, whatever the question's place."""
+    lines, hits = question_hits(model, data_dir, meta, n, device, **kw)
+    right, total = {}, {}
+    for line, row in zip(lines, hits.tolist()):
+        for h, ok in zip(question_hops(line), row):
+            right[h], total[h] = right.get(h, 0) + ok, total.get(h, 0) + 1
+    return {h: right[h] / total[h] for h in sorted(total)}
 
 
 def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):

@@ -74,6 +74,10 @@ def main(argv):
                 rec["task_acc_by_question"] = [round(a, 3) for a in T.task_accuracy_by_question(
                     model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold,
                     hide_answers=hide)]
+            if meta["task"] == "chains" and meta.get("all_queries"):   # and by depth, wherever asked
+                rec["task_acc_by_hops"] = {h: round(a, 3) for h, a in T.task_accuracy_by_hops(
+                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold,
+                    hide_answers=hide).items()}
         cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
         newline = T.load_tokenizer(meta).encode("\n")[0]

@@ -24,6 +24,8 @@ def main(out):
         acc = f"{r['task_acc']:.3f}" if "task_acc" in r else "-"
         if "task_acc_by_question" in r:   # all_queries lines: each question of a line, first to last
             acc += " (by question: " + " / ".join(f"{a:.2f}" for a in r["task_acc_by_question"]) + ")"
+        if "task_acc_by_hops" in r:        # chain lines: every question of each depth
+            acc += " (by hops: " + ", ".join(f"{h}: {a:.2f}" for h, a in r["task_acc_by_hops"].items()) + ")"
         lines.append(f"| {r['label']} | {r['val_loss']:.4f} | {acc} | {r['kv_bytes_per_token']:,} | "
                      f"{r['decode_tok_s']:.0f} | {r['mean_loops_decode']:.2f} |")
     lines += ["", "| training run | wall time |", "|---|---|"]

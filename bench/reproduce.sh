@@ -126,6 +126,16 @@ run "$L/phase2" distill.py config/${P}_distill.py --teacher=$OUT/$L/looplm/ckpt.
 ev "$d block $LB standard" $OUT/$L/standard/ckpt.pt
 ev "$d block $LB LoopLM" $OUT/$L/looplm/ckpt.pt
 ev "$d block $LB MELT phase 1+2" $OUT/$L/phase2/ckpt.pt
+for s in ${SEEDS-1 2}; do   # its seed spread: MELT fell further behind here than at block 128
+  run "$L/standard_s$s" train.py config/${P}_standard.py --block_size=$LB --batch_size=$LBS --seed=$s
+  run "$L/looplm_s$s" train.py config/${P}_looplm.py --block_size=$LB --batch_size=$LBS --seed=$s
+  run "$L/phase1_s$s" train.py config/${P}_transition.py --init_from=$OUT/$L/looplm_s$s/ckpt.pt --batch_size=$LBS --seed=$s
+  run "$L/phase2_s$s" distill.py config/${P}_distill.py --teacher=$OUT/$L/looplm_s$s/ckpt.pt \
+      --init_from=$OUT/$L/phase1_s$s/ckpt.pt --batch_size=$LBS --seed=$s
+  ev "$d block $LB standard seed=$s" $OUT/$L/standard_s$s/ckpt.pt
+  ev "$d block $LB LoopLM seed=$s" $OUT/$L/looplm_s$s/ckpt.pt
+  ev "$d block $LB MELT phase 1+2 seed=$s" $OUT/$L/phase2_s$s/ckpt.pt
+done
 
 # a reasoning task these small models can learn: 1-hop chains ('?y=' needs y=x, then x=5: two
 # lookups instead of four) trained 4x as long; standard vs LoopLM vs MELT, same data order
@@ -277,5 +287,25 @@ line_runs "" "$Q" "$QA $CONST_LR --max_iters=5000 --eval_interval=500" "$QA" 1 2
 # inputs, so no answer follows by elimination or counting), the lookup probe's optimizer, 3,000 steps
 QH="$QA --hide_answers=True"
 line_runs hidden_ "$Q answers hidden:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=3000 --eval_interval=500" "$QH" 1 1
+# and those two runs continued to 10,000 steps: the learning rate is constant, there is no warmup and
+# the data position is the step number, so continuing the 3,000-step checkpoints (init_from=resume)
+# makes the same run as one of 10,000 steps from scratch.
+for m in standard looplm; do
+  d=$OUT/$Q/hidden10k_$m
+  [ -f $d/ckpt.pt ] || { mkdir -p $d; cp $OUT/$Q/hidden_$m/ckpt.pt $OUT/$Q/hidden_$m/log.jsonl $d/; }
+done
+line_runs hidden10k_ "$Q answers hidden, 10,000 steps:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=10000 --eval_interval=500 --init_from=resume" "$QH" 1 1
+
+# a curriculum: the standard model that learned the every-letter lookup with hidden answers (above)
+# goes on to the 1-hop chain lines for 3,000 steps with the same optimizer, and so does a LoopLM
+# started from that same model's weights (run for 4 loops: its first loop is the lookup model). Can
+# a model that already looks up learn the chains' second lookup? A LoopLM trained on the lookup
+# lines from scratch, as the standard model was, is the run before: it stayed at chance for 4,000 steps.
+HB="--beta2=0.95 --grad_clip=0 --warmup_iters=0 --eval_interval=500"
+run lookup3_aq/looplm_lines_hidden train.py config/${P}_looplm.py ${LK/lookup3/lookup3_aq} --line_batches=True \
+    --batch_size=64 --max_iters=4000 $HB --hide_answers=True
+ev "lookup3_aq LoopLM, one line per row, answers hidden, betas (0.9, 0.95)" $OUT/lookup3_aq/looplm_lines_hidden/ckpt.pt
+line_runs curriculum_ "$Q answers hidden, after the lookup:" "$QH $CONST_LR $HB --max_iters=3000 \
+    --init_from=$OUT/lookup3_aq/standard_lines_hidden/ckpt.pt" "$QH" 1 1
 
 python bench/report.py "$OUT"
