@@ -291,8 +291,8 @@ line_runs hidden_ "$Q answers hidden:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0
 # the data position is the step number, so continuing the 3,000-step checkpoints (init_from=resume)
 # makes the same run as one of 10,000 steps from scratch.
 for m in standard looplm; do
-  d=$OUT/$Q/hidden10k_$m
-  [ -f $d/ckpt.pt ] || { mkdir -p $d; cp $OUT/$Q/hidden_$m/ckpt.pt $OUT/$Q/hidden_$m/log.jsonl $d/; }
+  to=$OUT/$Q/hidden10k_$m
+  [ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/hidden_$m/ckpt.pt $OUT/$Q/hidden_$m/log.jsonl $to/; }
 done
 line_runs hidden10k_ "$Q answers hidden, 10,000 steps:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=10000 --eval_interval=500 --init_from=resume" "$QH" 1 1
 
