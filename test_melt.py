@@ -779,6 +779,42 @@ def test_hidden_answers_are_targets_only(tmp_path):
         trainer.Batches(str(tmp_path), 64, 8, 1, line_token=nl, blank=dot)
 
 
+class AnswerOracle:
+    """A stand-in model for the accuracy-by-question evals: run() reads each row as text and, at
+    every '=' that closes a question ('?', letter, '='), puts all its weight on answer(text, j)
+    (None: no answer there); lm_head is the identity. `seen` keeps every row it read."""
+
+    def __init__(self, chars, answer):
+        self.chars, self.answer, self.seen = chars, answer, []
+
+    def eval(self):
+        return self
+
+    def train(self):
+        return self
+
+    def lm_head(self, onehot):
+        return onehot
+
+    def run(self, x, n_loops=None, exit_threshold=None):
+        pred = torch.zeros(*x.shape, len(self.chars))
+        for b, row in enumerate(x.tolist()):
+            text = "".join(self.chars[t] for t in row)
+            self.seen.append(text)
+            for j in range(2, len(text)):
+                if text[j] == "=" and text[j - 2] == "?":
+                    answer = self.answer(text, j)
+                    if answer is not None:
+                        pred[b, j, self.chars.index(answer)] = 1.0
+        return SimpleNamespace(selected=pred)
+
+
+def lookup_in_pairs(text, j):
+    """The answer to the lookup question closed at text[j]: the digit after the asked letter's
+    first occurrence, which is in the line's pairs."""
+    return text[text.index(text[j - 1]) + 1]
+
+
 def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
     """train.task_accuracy_by_question on all_queries lookup lines: a causal oracle that looks each
     asked letter up in the line's pairs (written here, independently of the eval's indexing)
@@ -787,26 +823,8 @@ def test_accuracy_by_question_scores_each_question_of_a_line(tmp_path):
     prepare.prepare_reasoning(str(tmp_path), n_train=50, n_val=30, pairs=3, all_queries=True)
     meta = trainer.load_meta(str(tmp_path))
     chars, V = meta["chars"], meta["vocab_size"]
-
-    class Oracle:
-        def __init__(self, only_first):
-            self.only_first = only_first
-        def eval(self):
-            return self
-        def train(self):
-            return self
-        def lm_head(self, onehot):
-            return onehot
-        def run(self, x, n_loops=None, exit_threshold=None):
-            pred = torch.zeros(*x.shape, V)
-            for b, row in enumerate(x.tolist()):
-                text = "".join(chars[t] for t in row)
-                for j in range(2, len(text)):
-                    asked_first = text.index("?") == j - 2
-                    if text[j] == "=" and text[j - 2] == "?" and (asked_first or not self.only_first):
-                        answer = text[text.index(text[j - 1]) + 1]   # first occurrence: in the pairs
-                        pred[b, j, chars.index(answer)] = 1.0
-            return SimpleNamespace(selected=pred)
+    first_only = lambda text, j: lookup_in_pairs(text, j) if text.index("?") == j - 2 else None
+    Oracle = lambda only_first: AnswerOracle(chars, first_only if only_first else lookup_in_pairs)
 
     cpu = torch.device("cpu")
     assert trainer.task_accuracy_by_question(Oracle(False), str(tmp_path), meta, 30, cpu) == [1.0, 1.0, 1.0]
@@ -824,37 +842,19 @@ def test_accuracy_by_question_with_hidden_answers_blanks_only_the_inputs(tmp_pat
     scores 1 on every question, one that answers the digit it reads right after '=' scores 0."""
     prepare.prepare_reasoning(str(tmp_path), n_train=50, n_val=30, pairs=3, all_queries=True)
     meta = trainer.load_meta(str(tmp_path))
-    chars, V = meta["chars"], meta["vocab_size"]
-    seen = []
-
-    class Oracle:
-        def __init__(self, peek):
-            self.peek = peek   # answer with the token after '=' in the input (the answer, unless hidden)
-        def eval(self):
-            return self
-        def train(self):
-            return self
-        def lm_head(self, onehot):
-            return onehot
-        def run(self, x, n_loops=None, exit_threshold=None):
-            pred = torch.zeros(*x.shape, V)
-            for b, row in enumerate(x.tolist()):
-                text = "".join(chars[t] for t in row)
-                seen.append(text)
-                for j in range(2, len(text) - 1):
-                    if text[j] == "=" and text[j - 2] == "?":
-                        answer = text[j + 1] if self.peek else text[text.index(text[j - 1]) + 1]
-                        pred[b, j, chars.index(answer)] = 1.0
-            return SimpleNamespace(selected=pred)
+    chars = meta["chars"]
+    peek = lambda text, j: text[j + 1]   # the token after '=' in the input (the answer, unless hidden)
+    hidden = AnswerOracle(chars, lookup_in_pairs)
 
     cpu = torch.device("cpu")
-    assert trainer.task_accuracy_by_question(Oracle(False), str(tmp_path), meta, 30, cpu, hide_answers=True) == [1.0] * 3
-    for text in seen:
+    assert trainer.task_accuracy_by_question(hidden, str(tmp_path), meta, 30, cpu, hide_answers=True) == [1.0] * 3
+    for text in hidden.seen:
         asks = [k for k, ch in enumerate(text) if ch == "?"]
         assert len(asks) == 3 and all(text[k + 3] == "." for k in asks)
         assert all(ch.isdigit() for ch in text[2:7:2])                 # the pairs' digits are untouched
-    assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu, hide_answers=True) == [0.0] * 3
-    assert trainer.task_accuracy_by_question(Oracle(True), str(tmp_path), meta, 30, cpu) == [1.0] * 3
+    assert trainer.task_accuracy_by_question(AnswerOracle(chars, peek), str(tmp_path), meta, 30, cpu,
+                                             hide_answers=True) == [0.0] * 3
+    assert trainer.task_accuracy_by_question(AnswerOracle(chars, peek), str(tmp_path), meta, 30, cpu) == [1.0] * 3
 
 def test_accuracy_by_hops_groups_the_questions_of_a_chain_line_by_depth(tmp_path):
     """train.question_hops counts the lookups behind each question (checked on lines written by
@@ -866,28 +866,14 @@ def test_accuracy_by_hops_groups_the_questions_of_a_chain_line_by_depth(tmp_path
     assert trainer.question_hops("k=f;d=5;f=d;?k=5;?f=5;?d=5.") == [2, 1, 0]
     prepare.prepare_reasoning(str(tmp_path), hops=1, n_train=50, n_val=40, all_queries=True)
     meta = trainer.load_meta(str(tmp_path))
-    chars, V = meta["chars"], meta["vocab_size"]
+    chars = meta["chars"]
 
-    class Oracle:
-        def __init__(self, follow):
-            self.follow = follow
-        def eval(self):
-            return self
-        def train(self):
-            return self
-        def lm_head(self, onehot):
-            return onehot
-        def run(self, x, n_loops=None, exit_threshold=None):
-            pred = torch.zeros(*x.shape, V)
-            for b, row in enumerate(x.tolist()):
-                text = "".join(chars[t] for t in row)
-                for j in range(2, len(text)):
-                    if text[j] == "=" and text[j - 2] == "?":
-                        value = text[text.index(text[j - 1] + "=") + 2]   # its statement's right-hand side
-                        while self.follow and not value.isdigit():
-                            value = text[text.index(value + "=") + 2]
-                        pred[b, j, chars.index(value if value.isdigit() else "0")] = 1.0
-            return SimpleNamespace(selected=pred)
+    def rhs(text, j, follow):   # the asked variable's statement's right-hand side, followed to a digit
+        value = text[text.index(text[j - 1] + "=") + 2]
+        while follow and not value.isdigit():
+            value = text[text.index(value + "=") + 2]
+        return value if value.isdigit() else "0"
+    Oracle = lambda follow: AnswerOracle(chars, lambda text, j: rhs(text, j, follow))
 
     cpu = torch.device("cpu")
     _, lines = trainer.val_problem_lines(str(tmp_path), meta, 40)

@@ -508,11 +508,10 @@ def question_hits(model, data_dir, meta, n, device, n_loops=None, exit_threshold
     return lines, torch.stack([pred[:, i + 3] == x[:, i + 4] for i in asks], dim=1)   # (n, questions)
 
 
-def task_accuracy_by_question(model, data_dir, meta, n, device, **kw):
-    """[accuracy of question 1, of question 2, ...] of a line (question_hits): whether later
+def accuracy_by_question(lines, hits):
+    """[accuracy of question 1, of question 2, ...] of a line, from question_hits: whether later
     questions are easier than the first, e.g. answerable by elimination (the last letter asked has
     the one digit of the line not yet given as an answer)."""
-    lines, hits = question_hits(model, data_dir, meta, n, device, **kw)
     return (hits.sum(0).double() / len(lines)).tolist()
 
 
@@ -524,15 +523,24 @@ def question_hops(line):
     return [hops(line[i + 1]) for i, ch in enumerate(line) if ch == "?"]
 
 
-def task_accuracy_by_hops(model, data_dir, meta, n, device, **kw):
-    """{hops: accuracy over every question of that many hops} on chain lines with every variable
-    asked (question_hits): which depth of lookup a model has learned, whatever the question's place."""
-    lines, hits = question_hits(model, data_dir, meta, n, device, **kw)
+def accuracy_by_hops(lines, hits):
+    """{hops: accuracy over every question of that many hops}, from question_hits on chain lines
+    with every variable asked: which depth of lookup a model has learned, whatever the question's place."""
     right, total = {}, {}
     for line, row in zip(lines, hits.tolist()):
         for h, ok in zip(question_hops(line), row):
             right[h], total[h] = right.get(h, 0) + ok, total.get(h, 0) + 1
     return {h: right[h] / total[h] for h in sorted(total)}
+
+
+def task_accuracy_by_question(model, data_dir, meta, n, device, **kw):
+    """accuracy_by_question of the model on the first n val lines (question_hits)."""
+    return accuracy_by_question(*question_hits(model, data_dir, meta, n, device, **kw))
+
+
+def task_accuracy_by_hops(model, data_dir, meta, n, device, **kw):
+    """accuracy_by_hops of the model on the first n val chain lines (question_hits)."""
+    return accuracy_by_hops(*question_hits(model, data_dir, meta, n, device, **kw))
 
 
 def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):

@@ -71,13 +71,11 @@ def main(argv):
             rec["task_acc"] = T.task_accuracy(model, problems, torch.device("cpu"), n_loops=n_loops,
                                               exit_threshold=threshold)
             if meta.get("all_queries") or meta.get("queries", 1) > 1:   # several questions a line: each one's accuracy
-                rec["task_acc_by_question"] = [round(a, 3) for a in T.task_accuracy_by_question(
-                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold,
-                    hide_answers=hide)]
-            if meta["task"] == "chains" and meta.get("all_queries"):   # and by depth, wherever asked
-                rec["task_acc_by_hops"] = {h: round(a, 3) for h, a in T.task_accuracy_by_hops(
-                    model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops, exit_threshold=threshold,
-                    hide_answers=hide).items()}
+                lines, hits = T.question_hits(model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops,
+                                              exit_threshold=threshold, hide_answers=hide)
+                rec["task_acc_by_question"] = [round(a, 3) for a in T.accuracy_by_question(lines, hits)]
+                if meta["task"] == "chains":   # and by depth, wherever asked
+                    rec["task_acc_by_hops"] = {h: round(a, 3) for h, a in T.accuracy_by_hops(lines, hits).items()}
         cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
         newline = T.load_tokenizer(meta).encode("\n")[0]

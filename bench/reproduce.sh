@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
 #   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about fifteen hours
-#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~1.5 hours less)
+#   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
 # line per evaluation) and $OUT/times.tsv (wall seconds per run); bench/report.py turns them
