@@ -3,7 +3,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
 
     python bench/decode_speed.py                 # headline: eager and compiled, every model
     python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
-    python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length
+    python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length, eager and compiled
     python bench/decode_speed.py --profile       # where the LoopLM's compiled (fixed-shape) decode step spends its time
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
@@ -122,6 +122,39 @@ def rounds(models, modes, rounds=5):
     return rates
 
 
+def contexts_table(looplm, melt, contexts=(64, 512, 1024, 2048, 4096), compile=True):
+    """Table 2: decode tok/s versus context length, LoopLM and MELT back to back, eager and (unless
+    compile=False) with the compiled fixed-shape step. Per token and loop both layouts read
+    `context` rows per layer; what differs is how much distinct memory those reads span (LoopLM:
+    n_loop slots, MELT: one), i.e. the cache size. In 3 rounds, LoopLM and MELT one after the other
+    at each length (which goes first alternates): a ratio is the median of per-round ratios of runs
+    seconds apart. The fixed-shape step is compiled anew for every length (its cache length is
+    part of the graph)."""
+    pair = {"loop": looplm, "shared": melt}
+    modes = ("eager", "compiled") if compile else ("eager",)
+    print("\n| context | mode | LoopLM tok/s (median of 3) | MELT tok/s | MELT / LoopLM (median of per-round "
+          "ratios, range) | KV cache MiB: LoopLM / MELT |\n|---|---|---|---|---|---|", flush=True)
+    for ctx in contexts:
+        new = 32 if ctx > 64 else 128
+        steps = {"eager": {c: None for c in pair}}
+        if compile:
+            torch._dynamo.reset()   # a fresh graph per cache length, not a recompile of the last one
+            steps["compiled"] = {c: m.decode_step_fixed(compile=True) for c, m in pair.items()}
+            for c, m in pair.items():
+                decode_rate(m, ctx, new, steps["compiled"][c])   # compiles, at the cache length timed
+        r = {(mode, c): [] for mode in modes for c in pair}
+        for i in range(3):
+            for mode in modes:
+                for c in (("loop", "shared") if i % 2 == 0 else ("shared", "loop")):
+                    r[mode, c].append(decode_rate(pair[c], ctx, new, steps[mode][c]))
+        mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in pair.items()}
+        for mode in modes:
+            ratios = [a / b for a, b in zip(r[mode, "shared"], r[mode, "loop"])]
+            print(f"| {ctx} | {mode} | {statistics.median(r[mode, 'loop']):.1f} | "
+                  f"{statistics.median(r[mode, 'shared']):.1f} | {statistics.median(ratios):.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) | {mib['loop']:g} / {mib['shared']:g} |", flush=True)
+
+
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -132,25 +165,7 @@ def main():
         profile_step(models["LoopLM"])
         return
     if "--contexts" in sys.argv:
-        # Per token and loop both layouts read `context` rows per layer; what differs is how much
-        # distinct memory those reads span (LoopLM: n_loop slots, MELT: one), i.e. the cache size.
-        # In 3 rounds, LoopLM and MELT one after the other at each length (which goes first
-        # alternates): the ratio is the median of per-round ratios of runs seconds apart.
-        pair = {"loop": models["LoopLM"], "shared": models["MELT"]}
-        contexts = (64, 1024, 2048, 4096)
-        r = {(ctx, c): [] for ctx in contexts for c in pair}
-        for i in range(3):
-            for ctx in contexts:
-                for c in (("loop", "shared") if i % 2 == 0 else ("shared", "loop")):
-                    r[ctx, c].append(decode_rate(pair[c], ctx, 32 if ctx > 64 else 128))
-        print("\n| context | LoopLM tok/s (median of 3) | MELT tok/s | MELT / LoopLM (median of per-round ratios, range) "
-              "| KV cache MiB: LoopLM / MELT |\n|---|---|---|---|---|")
-        for ctx in contexts:
-            ratios = [a / b for a, b in zip(r[ctx, "shared"], r[ctx, "loop"])]
-            mib = {c: m.new_cache(1, ctx, device="meta").nbytes / 2**20 for c, m in pair.items()}
-            print(f"| {ctx} | {statistics.median(r[ctx, 'loop']):.1f} | {statistics.median(r[ctx, 'shared']):.1f} | "
-                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                  f"{mib['loop']:g} / {mib['shared']:g} |", flush=True)
+        contexts_table(models["LoopLM"], models["MELT"], compile="--no-compile" not in sys.argv)
         return
     for name, m in models.items():
         print(f"{name}: its matrix-vector products alone run at {matvec_ceiling(m):.0f} tok/s", flush=True)
