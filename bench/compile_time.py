@@ -2,7 +2,8 @@
 How long torch.compile takes for what this project compiles, on the machine at hand (CPU: inductor's
 C++ backend; the graph capture part, Dynamo and AOTAutograd, is the same work on a GPU machine).
 
-    python bench/compile_time.py
+    python bench/compile_time.py            # both tables
+    python bench/compile_time.py --decode   # the decode-step table only
 
 Cold compiles: inductor's caches on disk are switched off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1,
 set below before torch is imported); with them on, a second run only times cache reads (the
@@ -60,9 +61,7 @@ def decode_step_compile(n_layer, n_embd, n_head, vocab_size):
     return time.perf_counter() - t
 
 
-def main():
-    torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores")
+def train_table():
     print("\n| training step (2 layers x 4 loops, width 64, 2 x 128 tokens) | chunks | first step (compiles) "
           "| next 3 alphas | graphs compiled |\n|---|---|---|---|---|")
     for label, cache, chunk, alphas in (("LoopLM", "loop", 128, [0.0, 0.0, 0.0, 0.0]),
@@ -71,6 +70,13 @@ def main():
         times, graphs = train_step_compile(cache, chunk, alphas)
         print(f"| {label} | {128 // chunk} | {times[0]:.0f} s | {', '.join(f'{t:.2f}' for t in times[1:])} s "
               f"| {graphs} |", flush=True)
+
+
+def main():
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores")
+    if "--decode" not in sys.argv:
+        train_table()
     print("\n| decode step (MELT.step_fixed, 4 loops) | first call (compiles) |\n|---|---|")
     for label, shape in (("4 layers, width 256 (bench/decode_speed.py)", (4, 256, 4, 512)),
                          ("8 layers, width 512 (config/gpu_*.py)", (8, 512, 8, 65))):

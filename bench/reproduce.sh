@@ -308,4 +308,28 @@ ev "lookup3_aq LoopLM, one line per row, answers hidden, betas (0.9, 0.95)" $OUT
 line_runs curriculum_ "$Q answers hidden, after the lookup:" "$QH $CONST_LR $HB --max_iters=3000 \
     --init_from=$OUT/lookup3_aq/standard_lines_hidden/ckpt.pt" "$QH" 1 1
 
+# the curriculum's standard model and LoopLM continued to 6,000 steps (constant lr, no warmup, data
+# position = step: the same as one 6,000-step run), as the 10,000-step runs above were: does the
+# second lookup come with more steps? (1 thread each, the two side by side)
+for m in standard looplm; do
+  to=$OUT/$Q/curriculum6k_$m
+  [ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/curriculum_$m/ckpt.pt $OUT/$Q/curriculum_$m/log.jsonl $to/; }
+done
+run "$Q/curriculum6k_standard" train.py config/${P}_standard.py $QH $CONST_LR $HB --max_iters=6000 --init_from=resume --threads=1
+run "$Q/curriculum6k_looplm" train.py config/${P}_looplm.py $QH $CONST_LR $HB --max_iters=6000 --init_from=resume --threads=1
+ev "$Q answers hidden, after the lookup, 6,000 steps: standard" $OUT/$Q/curriculum6k_standard/ckpt.pt
+ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM" $OUT/$Q/curriculum6k_looplm/ckpt.pt
+for n in 1 8; do ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM n_loops=$n" $OUT/$Q/curriculum6k_looplm/ckpt.pt --n_loops=$n; done
+for g in last mean first; do ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM zero-shot gate=$g" $OUT/$Q/curriculum6k_looplm/ckpt.pt --cache=shared --gate=$g; done
+run "$Q/curriculum6k_phase1" train.py config/${P}_transition.py $QH --init_from=$OUT/$Q/curriculum6k_looplm/ckpt.pt
+run "$Q/curriculum6k_phase2" distill.py config/${P}_distill.py $QH --teacher=$OUT/$Q/curriculum6k_looplm/ckpt.pt \
+    --init_from=$OUT/$Q/curriculum6k_phase1/ckpt.pt
+ev "$Q answers hidden, after the lookup, 6,000 steps: MELT phase 1" $OUT/$Q/curriculum6k_phase1/ckpt.pt
+ev "$Q answers hidden, after the lookup, 6,000 steps: MELT phase 1+2" $OUT/$Q/curriculum6k_phase2/ckpt.pt
+# the standard model (4x cheaper per step) on to 10,000 steps: its 1-hop accuracy was still rising at 6,000
+to=$OUT/$Q/curriculum10k_standard
+[ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/curriculum6k_standard/ckpt.pt $OUT/$Q/curriculum6k_standard/log.jsonl $to/; }
+run "$Q/curriculum10k_standard" train.py config/${P}_standard.py $QH $CONST_LR $HB --max_iters=10000 --init_from=resume --threads=1
+ev "$Q answers hidden, after the lookup, 10,000 steps: standard" $OUT/$Q/curriculum10k_standard/ckpt.pt
+
 python bench/report.py "$OUT"
