@@ -405,7 +405,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 # On our 2-core test machines the products run 5x faster than BLAS's (bench/matvec_layout.py) and
 # the compiled decode step 3.6x faster than eager instead of 1.9x (bench/decode_speed.py).
 # cpp_wrapper: the step's glue (buffer allocation, the calls to those loops and to attention) is
-# C++ too, instead of a Python function run at every token: ~1.15-1.2x on the same machines, for
+# C++ too, instead of a Python function run at every token: 1.13-1.20x on the same machines, for
 # about a minute more of compilation the first time (inductor caches it on disk).
 CPU_DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
 

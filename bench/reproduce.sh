@@ -22,6 +22,10 @@ run() {  # run NAME SCRIPT ARGS...: train once, record its wall time
   echo -e "$name\t$(( $(date +%s) - t0 ))" >> "$OUT/times.tsv"
   touch "$OUT/$name/.done"
 }
+continue_run() {  # continue_run FROM TO: TO starts as a copy of run FROM's checkpoint and log, for
+  # train.py --init_from=resume to continue (constant lr, no warmup: the same as one longer run)
+  [ -f $OUT/$2/ckpt.pt ] || { mkdir -p $OUT/$2; cp $OUT/$1/ckpt.pt $OUT/$1/log.jsonl $OUT/$2/; }
+}
 ev() {   # ev LABEL CKPT ARGS...: one evaluation line
   local label=$1 ckpt=$2; shift 2
   grep -q "\"label\": \"$label\"" "$R" 2>/dev/null && return
@@ -290,10 +294,7 @@ line_runs hidden_ "$Q answers hidden:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0
 # and those two runs continued to 10,000 steps: the learning rate is constant, there is no warmup and
 # the data position is the step number, so continuing the 3,000-step checkpoints (init_from=resume)
 # makes the same run as one of 10,000 steps from scratch.
-for m in standard looplm; do
-  to=$OUT/$Q/hidden10k_$m
-  [ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/hidden_$m/ckpt.pt $OUT/$Q/hidden_$m/log.jsonl $to/; }
-done
+for m in standard looplm; do continue_run $Q/hidden_$m $Q/hidden10k_$m; done
 line_runs hidden10k_ "$Q answers hidden, 10,000 steps:" "$QH $CONST_LR --beta2=0.95 --grad_clip=0 --warmup_iters=0 --max_iters=10000 --eval_interval=500 --init_from=resume" "$QH" 1 1
 
 # a curriculum: the standard model that learned the every-letter lookup with hidden answers (above)
@@ -308,27 +309,13 @@ ev "lookup3_aq LoopLM, one line per row, answers hidden, betas (0.9, 0.95)" $OUT
 line_runs curriculum_ "$Q answers hidden, after the lookup:" "$QH $CONST_LR $HB --max_iters=3000 \
     --init_from=$OUT/lookup3_aq/standard_lines_hidden/ckpt.pt" "$QH" 1 1
 
-# the curriculum's standard model and LoopLM continued to 6,000 steps (constant lr, no warmup, data
-# position = step: the same as one 6,000-step run), as the 10,000-step runs above were: does the
-# second lookup come with more steps? (1 thread each, the two side by side)
-for m in standard looplm; do
-  to=$OUT/$Q/curriculum6k_$m
-  [ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/curriculum_$m/ckpt.pt $OUT/$Q/curriculum_$m/log.jsonl $to/; }
-done
-run "$Q/curriculum6k_standard" train.py config/${P}_standard.py $QH $CONST_LR $HB --max_iters=6000 --init_from=resume --threads=1
-run "$Q/curriculum6k_looplm" train.py config/${P}_looplm.py $QH $CONST_LR $HB --max_iters=6000 --init_from=resume --threads=1
-ev "$Q answers hidden, after the lookup, 6,000 steps: standard" $OUT/$Q/curriculum6k_standard/ckpt.pt
-ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM" $OUT/$Q/curriculum6k_looplm/ckpt.pt
-for n in 1 8; do ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM n_loops=$n" $OUT/$Q/curriculum6k_looplm/ckpt.pt --n_loops=$n; done
-for g in last mean first; do ev "$Q answers hidden, after the lookup, 6,000 steps: LoopLM zero-shot gate=$g" $OUT/$Q/curriculum6k_looplm/ckpt.pt --cache=shared --gate=$g; done
-run "$Q/curriculum6k_phase1" train.py config/${P}_transition.py $QH --init_from=$OUT/$Q/curriculum6k_looplm/ckpt.pt
-run "$Q/curriculum6k_phase2" distill.py config/${P}_distill.py $QH --teacher=$OUT/$Q/curriculum6k_looplm/ckpt.pt \
-    --init_from=$OUT/$Q/curriculum6k_phase1/ckpt.pt
-ev "$Q answers hidden, after the lookup, 6,000 steps: MELT phase 1" $OUT/$Q/curriculum6k_phase1/ckpt.pt
-ev "$Q answers hidden, after the lookup, 6,000 steps: MELT phase 1+2" $OUT/$Q/curriculum6k_phase2/ckpt.pt
+# the curriculum's standard model and LoopLM continued to 6,000 steps (as the 10,000-step runs
+# above), then MELT from that LoopLM: does the second lookup come with more steps?
+for m in standard looplm; do continue_run $Q/curriculum_$m $Q/curriculum6k_$m; done
+line_runs curriculum6k_ "$Q answers hidden, after the lookup, 6,000 steps:" "$QH $CONST_LR $HB --max_iters=6000 \
+    --init_from=resume" "$QH" 1 1
 # the standard model (4x cheaper per step) on to 10,000 steps: its 1-hop accuracy was still rising at 6,000
-to=$OUT/$Q/curriculum10k_standard
-[ -f $to/ckpt.pt ] || { mkdir -p $to; cp $OUT/$Q/curriculum6k_standard/ckpt.pt $OUT/$Q/curriculum6k_standard/log.jsonl $to/; }
+continue_run $Q/curriculum6k_standard $Q/curriculum10k_standard
 run "$Q/curriculum10k_standard" train.py config/${P}_standard.py $QH $CONST_LR $HB --max_iters=10000 --init_from=resume --threads=1
 ev "$Q answers hidden, after the lookup, 10,000 steps: standard" $OUT/$Q/curriculum10k_standard/ckpt.pt
 
