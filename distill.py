@@ -134,9 +134,7 @@ class DistillObjective(torch.nn.Module):
         out = m.run(x, alpha=alpha, collect_attn=True)
         s_logits = m.loop_logits(out) if cfg.kd_loops == "all" else m.lm_head(out.hidden[-1:])
         t_logits = t["logits"]
-        if cfg.answer_only:
-            s_logits, t_logits = T.scored_positions(s_logits, y), T.scored_positions(t_logits, y)   # (R, N, V)
-        kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature)
+        kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature, y if cfg.answer_only else None)
                           for r in range(s_logits.shape[0])]).mean()
         s_attn = torch.stack([torch.stack(a) for a in out.attn])                    # (R, L, B, T, C)
         align = (s_attn.float() - t["attn"].float()).pow(2).sum(-1).mean()

@@ -22,7 +22,6 @@ Where things live (search for the tags):
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields, asdict
 
@@ -456,19 +455,19 @@ class MELT(nn.Module):
     def _attend(self, l, r, block, x, s, store, ctx):
         """Attention of layer l at loop r for the chunk's normed inputs x (B, c, C).
 
-        Which key/value rows are read is the whole difference between the layouts:
+        Which key/value rows are read is the whole difference between the layouts (kv_layout):
             loop   rows projected from x at loop r; earlier tokens' loop-r rows (slot r)
             shared rows projected from the latent s; earlier tokens' final rows (one slot)
-            0 < alpha < 1 (the transition): alpha * shared + (1 - alpha) * loop, both kept
+            both   the transition: alpha * shared + (1 - alpha) * loop, both kept
         """
         B, c, C = x.shape
         cfg = self.config
         cos, sin, alpha = ctx["cos"], ctx["sin"], ctx["alpha"]
         q = block.attn.q_proj(x).view(B, c, cfg.n_head, cfg.head_dim).transpose(1, 2)   # (B, nh, c, hs)
         q = apply_rope(q, cos, sin)
-        if alpha == 1.0:
+        if ctx["layout"] == "shared":
             k, v = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
-        elif alpha == 0.0:
+        elif ctx["layout"] == "loop":
             k, v = store.rows(r, l, *self._kv(block, x, cos, sin))
         else:
             k_loop, v_loop = store.rows(r, l, *self._kv(block, x, cos, sin))
@@ -485,7 +484,7 @@ class MELT(nn.Module):
         new latent s (None outside shared mode) and the attention output (after o_proj)."""
         block = self.blocks[l]
         x = block.attn_in_norm(h)
-        if ctx["alpha"] > 0.0:
+        if ctx["layout"] != "loop":
             s_new = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
             # tokens that have exited (adaptive depth) keep their latent, so the row they write
             # again is their final row, the one later tokens must read
@@ -504,14 +503,13 @@ class MELT(nn.Module):
 
     # ---- the loop, chunk by chunk -----------------------------------------------------------
 
-    def _run_chunk(self, h, store, n_loops, alpha, threshold, collect_attn):
+    def _run_chunk(self, h, store, n_loops, alpha, layout, threshold, collect_attn):
         """All loops for one chunk h (B, c, C) of embeddings; earlier chunks are in store."""
         B, c, _ = h.shape
         pos = store.pos
-        shared = self.config.cache == "shared"
         ctx = dict(
-            alpha=alpha if shared else 0.0,
-            shared_slot=n_loops if 0.0 < alpha < 1.0 else 0,   # the transition keeps both layouts
+            alpha=alpha, layout=layout,
+            shared_slot=n_loops if layout == "both" else 0,   # the transition keeps both layouts
             exited=None,   # adaptive depth: (B, c, 1) bool, tokens that stopped looping
         )
         if torch.is_tensor(pos):   # the fixed-shape decode step (_FixedRows): one token, pos a tensor
@@ -525,7 +523,7 @@ class MELT(nn.Module):
         # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
         # hidden state, latent and KV row, and later tokens read that row. In loop mode every
         # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
-        adaptive = shared and ctx["alpha"] == 1.0 and threshold < 1.0
+        adaptive = layout == "shared" and threshold < 1.0
         if adaptive:   # per-token exit bookkeeping, only when it can change anything
             done = torch.zeros(B, c, dtype=torch.bool, device=h.device)
             remaining = torch.ones(B, c, dtype=torch.float32, device=h.device)
@@ -580,18 +578,18 @@ class MELT(nn.Module):
         alpha = 1.0 if alpha is None else float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise MeltError(f"alpha={alpha} must be in [0, 1]")
-        shared = cfg.cache == "shared"
+        layout = self.kv_layout(alpha)
         store = _History() if cache is None else cache
         if cache is not None:
-            self._check_cache(cache, B, T, R, alpha)
+            self._check_cache(cache, B, T, R, layout)
         if store.pos + T > cfg.block_size:
             raise MeltError(f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
         # Loop mode needs no chunks: at loop r a token reads earlier tokens' loop-r rows, which a
         # causal mask over the whole sequence already gives. Shared mode reads earlier tokens'
         # *final* rows, which exist only once their chunk has run all its loops.
-        chunk = cfg.chunk_size if shared and alpha > 0.0 else T
+        chunk = cfg.chunk_size if layout != "loop" else T
         emb = self.tok_emb(idx)   # (B, T, C)
-        parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, q, collect_attn)
+        parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, layout, q, collect_attn)
                  for i in range(0, T, chunk)]          # chunks in sequence, tokens within in parallel
         if len({len(p[0]) for p in parts}) > 1:   # adaptive exit ended chunks at different loops:
             parts = [([*hd, *[hd[-1]] * (R - len(hd))], [*g, *[g[-1]] * (R - len(g))], a, u)
@@ -614,6 +612,13 @@ class MELT(nn.Module):
         selected = hidden.gather(0, choice[None, :, :, None].expand(1, *hidden.shape[1:])).squeeze(0)
         return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
 
+    def kv_layout(self, alpha):
+        """Which key/value rows a forward at this alpha computes (see _attend): "loop" (a LoopLM,
+        or shared mode at alpha=0), "shared" (MELT, alpha=1) or "both" (the transition in between)."""
+        if self.config.cache == "loop":
+            return "loop"
+        return "loop" if alpha == 0.0 else "shared" if alpha == 1.0 else "both"
+
     def _depth(self, n_loops, exit_threshold):
         """(loops to run, exit threshold): the arguments or the config's defaults, checked."""
         R = self.config.n_loop if n_loops is None else n_loops
@@ -624,11 +629,11 @@ class MELT(nn.Module):
             raise MeltError(f"exit_threshold={q} must be in (0, 1]")
         return R, q
 
-    def _check_cache(self, cache, B, T, R, alpha):
+    def _check_cache(self, cache, B, T, R, layout):
         cfg = self.config
         if cache.layout != cfg.cache:
             raise MeltError(f"cache layout {cache.layout!r} does not match the model's cache={cfg.cache!r}")
-        if cfg.cache == "shared" and alpha != 1.0:
+        if cfg.cache == "shared" and layout != "shared":
             raise MeltError("a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
         if cfg.cache == "loop" and cache.k.shape[0] < R:
             raise MeltError(f"this loop cache has {cache.k.shape[0]} loop slots, n_loops={R} needs {R}")
@@ -710,7 +715,7 @@ class MELT(nn.Module):
         advance the cache: use decode_step_fixed(), which does."""
         R, q = self._depth(n_loops, exit_threshold)
         store = _FixedRows(cache_k, cache_v, position)
-        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, q, False)
+        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, self.kv_layout(1.0), q, False)
         out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, q)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
@@ -728,7 +733,7 @@ class MELT(nn.Module):
 
         def decode_step(idx, cache, n_loops=None, exit_threshold=None):
             R, q = self._depth(n_loops, exit_threshold)   # checked here, outside the compiled graph
-            self._check_cache(cache, idx.shape[0], 1, R, 1.0)
+            self._check_cache(cache, idx.shape[0], 1, R, self.kv_layout(1.0))
             if idx.shape[1] != 1:
                 raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
             if cuda_graphs:

@@ -587,6 +587,70 @@ def test_config_errors(tiny_data, tmp_path):
         trainer.parse_args([str(cfg_file)])
 
 
+def test_cuda_graph_refuses_what_a_recording_cannot_do(tiny_data, tmp_path):
+    """cuda_graph=True is refused with its reason on a CPU, under DDP, with compile and with
+    gradient accumulation; a plain one-GPU run passes, KD on answer-only positions included."""
+    with pytest.raises(trainer.ConfigError, match="cuda_graph=True: it needs a CUDA device"):
+        run_train(tiny_data, tmp_path, "--cuda_graph=True")
+    gpu = SimpleNamespace(device=torch.device("cuda"), ddp=False)
+    for args, why in [({"compile": True}, "compile=False"), ({"grad_accum": 2}, "grad_accum must be 1")]:
+        with pytest.raises(trainer.ConfigError, match=why):
+            trainer.check_cuda_graph(trainer.TrainConfig(cuda_graph=True, **args), gpu)
+    with pytest.raises(trainer.ConfigError, match="for one GPU"):
+        trainer.check_cuda_graph(trainer.TrainConfig(cuda_graph=True), SimpleNamespace(device=gpu.device, ddp=True))
+    trainer.check_cuda_graph(trainer.TrainConfig(cuda_graph=True, answer_only=True, kd_weight=0.5), gpu)
+
+
+def test_kd_loss_on_scored_positions_is_the_mean_kl_over_them():
+    """kd_loss with targets is KL(teacher || student) at temperature t, times t^2, averaged over
+    the positions whose target is not -1 (computed here position by position), whatever the
+    other positions hold; without targets, over all positions."""
+    g = torch.Generator().manual_seed(6)
+    s, te = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    y = torch.tensor([[-1, 3, -1, -1, 2], [-1, -1, -1, 4, -1]])
+    t = 2.0
+
+    def kl(b, i):
+        p, q = torch.softmax(te[b, i] / t, -1), torch.softmax(s[b, i] / t, -1)
+        return float((p * (p.log() - q.log())).sum()) * t * t
+    want = sum(kl(b, i) for b, i in [(0, 1), (0, 4), (1, 3)]) / 3
+    assert trainer.kd_loss(s, te, t, y).item() == pytest.approx(want, rel=1e-5)
+    s2 = s.clone()
+    s2[y == -1] = 100.0   # unscored positions do not count
+    assert trainer.kd_loss(s2, te, t, y).item() == pytest.approx(want, rel=1e-5)
+    every = sum(kl(b, i) for b in range(2) for i in range(5)) / 10
+    assert trainer.kd_loss(s, te, t).item() == pytest.approx(every, rel=1e-5)
+
+
+def test_graphed_step_feeds_the_recording_what_the_eager_step_computes(monkeypatch):
+    """What GraphedStep hands to the recording (the objective at alpha=1, the teacher's outputs as
+    an input) gives the eager step's loss and gradients; the transition's steps at alpha < 1 run
+    the eager objective; it records once, at the first step in the model's own layout. The
+    recording itself needs a GPU: here make_graphed_callables returns the module unrecorded."""
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables",
+                        lambda module, args, **kw: recorded.append((module.alpha, len(args))) or module)
+    model = tiny_model(cache="shared", gate="learned", chunk_size=4).train()
+    teacher = tiny_model(seed=1, cache="loop")
+    objective = trainer.LMObjective(model, trainer.TrainConfig(kd_weight=0.5))
+    graphed = trainer.GraphedStep(objective, SimpleNamespace(dtype="float32"))
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(5))
+    t_out = objective.teacher_outputs(teacher, x)
+    for alpha in (0.0, 0.4, 1.0, 1.0):
+        losses, grads = [], []
+        for step in (objective, graphed):
+            model.zero_grad(set_to_none=True)
+            loss, parts = step(x, y, alpha, t_out)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+        assert torch.equal(*losses) and set(parts) == {"lm", "kd"}
+        for a, b in zip(*grads):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert recorded == [(1.0, 3)]   # once, at alpha=1, with (x, y, teacher outputs)
+
+
 def test_resume_with_other_architecture_is_refused(tiny_data, tmp_path):
     """Resuming with a config whose architecture differs from the checkpoint says so."""
     run_train(tiny_data, tmp_path, "--max_iters=2")

@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"                 # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                  # "auto": bfloat16 on GPUs that have it, else float16 (GradScaler); float32 on CPU
     compile: bool = False                # torch.compile the model (the uncompiled module is what gets saved)
+    cuda_graph: bool = False             # one GPU: replay each micro-step's forward and backward as CUDA graphs (GraphedStep)
     threads: int = 0                     # CPU threads for torch; 0 leaves torch's default
 
 
@@ -233,12 +234,6 @@ def token_ce(logits, y):
     """Mean cross-entropy of logits (..., V) against targets y (...), in float32; targets of -1
     (not scored, answer_only) are left out. What every eval reports as a cross-entropy."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1)
-
-
-def scored_positions(logits, y):
-    """logits (..., B, T, V) at the positions whose target is scored (not -1) -> (..., N, V):
-    with answer_only, KD is taken where the LM loss is."""
-    return logits[..., y != -1, :]
 
 
 def load_meta(data_dir):
@@ -595,12 +590,17 @@ def build(cfg, model_keys, rt):
     return model, optimizer, start_step, best, teacher, data_dir, meta
 
 
-def kd_loss(student_logits, teacher_logits, temperature):
-    """KL(teacher || student) of next-token distributions at a temperature, mean over tokens."""
+def kd_loss(student_logits, teacher_logits, temperature, targets=None):
+    """KL(teacher || student) of next-token distributions (B, T, V) at a temperature, mean over
+    tokens; with targets (B, T), over the scored ones only (not -1: with answer_only, KD is taken
+    where the LM loss is). A weighted mean, not a selection: no shape depends on the data, so a
+    CUDA-graphed step (cuda_graph=True) can record it."""
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
     p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(s.flatten(0, -2), p.flatten(0, -2), log_target=True, reduction="batchmean") * t * t
+    kl = F.kl_div(s, p, log_target=True, reduction="none").sum(-1)   # (B, T)
+    w = torch.ones_like(kl) if targets is None else (targets != -1).float()
+    return (kl * w).sum() / w.sum().clamp_min(1.0) * t * t
 
 
 class LMObjective(torch.nn.Module):
@@ -623,10 +623,63 @@ class LMObjective(torch.nn.Module):
         if teacher_out is None:
             return lm, {}
         s_logits, t_logits = self.model.lm_head(out.hidden[-1]), teacher_out
-        if self.cfg.answer_only:
-            s_logits, t_logits = scored_positions(s_logits, y), scored_positions(t_logits, y)
-        kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature)
+        kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature, y if self.cfg.answer_only else None)
         return lm + self.cfg.kd_weight * kd, {"lm": lm.detach(), "kd": kd.detach()}
+
+
+class GraphedStep:
+    """A micro-step's forward and backward replayed as CUDA graphs (cuda_graph=True, one GPU).
+
+    Why: MELT's chunk-wise step is thousands of small kernels (chunks x loops x layers, forward and
+    backward), each launched from Python: on an H200 eager phase 1 ran at 0.29x the eager LoopLM,
+    and compiling it did not finish (README, "On one GPU"). torch.cuda.make_graphed_callables
+    records the objective's forward and its backward once; each call then copies the batch into the
+    recording's inputs and launches all of it at once. The optimizer stays eager.
+    Only the model's own key/value layout is recorded (MELT.kv_layout: "shared" for MELT, "loop"
+    for a LoopLM), with alpha fixed at 1. The transition's other steps (alpha < 1) run eager: our
+    first recording of the mixed layout, alpha a device scalar, failed on an H200 (README, "On one
+    GPU"; PyTorch's warning named the previous step's autograd graph, still alive, which the
+    training loop now drops; whether the mixed layout records since then is untested)."""
+
+    def __init__(self, objective, rt):
+        self.objective, self.fn = objective, None
+        # make_graphed_callables refuses autocast's weight cache (a recording cannot reuse casts)
+        self.autocast = (nullcontext() if rt.dtype == "float32" else
+                         torch.autocast("cuda", dtype=getattr(torch, rt.dtype), cache_enabled=False))
+
+    def __call__(self, x, y, alpha, teacher_out=None):
+        model = self.objective.model
+        t = () if teacher_out is None else (teacher_out,)
+        if model.kv_layout(alpha) != model.config.cache:
+            return self.objective(x, y, alpha, *t)   # the transition before alpha reaches 1: eager
+        with self.autocast:
+            if self.fn is None:
+                self.fn = torch.cuda.make_graphed_callables(_AtAlpha(self.objective, alpha), (x, y, *t))
+            return self.fn(x, y, *t)
+
+
+class _AtAlpha(torch.nn.Module):
+    """The objective at one fixed alpha, for recording (make_graphed_callables takes tensors only)."""
+
+    def __init__(self, objective, alpha):
+        super().__init__()
+        self.objective, self.alpha = objective, alpha
+
+    def forward(self, x, y, *teacher_out):
+        return self.objective(x, y, self.alpha, *teacher_out)
+
+
+def check_cuda_graph(cfg, rt):
+    """What a CUDA-graphed step cannot do, refused before anything is built."""
+    if not cfg.cuda_graph:
+        return
+    why = ("it needs a CUDA device" if rt.device.type != "cuda" else
+           "it is for one GPU (under torchrun, DDP's gradient hooks run outside the recording)" if rt.ddp else
+           "use one or the other (compile=False)" if cfg.compile else
+           "grad_accum must be 1 (the recording's gradient buffers are reused by the next micro-step)"
+           if cfg.grad_accum != 1 else None)
+    if why:
+        raise ConfigError(f"cuda_graph=True: {why}")
 
 
 def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
@@ -634,6 +687,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     from tqdm import tqdm
 
     rt = Runtime(cfg)
+    check_cuda_graph(cfg, rt)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
     batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
                       cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset), line_token(meta, cfg),
@@ -647,6 +701,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
             find_unused_parameters=True)
     if cfg.compile:
         step_fn = torch.compile(step_fn)   # raw stays uncompiled: it is what gets saved
+    if cfg.cuda_graph:
+        step_fn = GraphedStep(objective, rt)
     scaler = torch.amp.GradScaler(enabled=rt.dtype == "float16")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -702,6 +758,9 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
                 loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
             total += loss.item()
+            # drop the step's autograd graph now: kept alive into the next step, its gradient
+            # accumulators (on the default stream) would break a CUDA-graph recording (GraphedStep)
+            del loss
         if not math.isfinite(total):
             bar.close()
             raise ConfigError(f"loss became {total} at step {step}; stopped. The last good checkpoint "

@@ -23,3 +23,6 @@ eval_interval = 500
 # compiling each layer's pieces instead ran slower than eager there (bench/gpu_check_h200_2026-11-26b.txt).
 # The LoopLM configs compile (2.6x, in ~50 s).
 compile = False
+# instead the step's forward and backward are replayed as CUDA graphs (train.py GraphedStep): 3.2x
+# eager for phase 2, 2.7-3.2x for MELT from scratch on an H200 (bench/gpu_check_h200_2026-11-26c.txt)
+cuda_graph = True
