@@ -11,7 +11,8 @@ bytes per token, decode tokens/s and mean loops used.
 
 A shared-cache model is scored at inference semantics: chunk_size=1, so every earlier token is
 already final, exactly as when decoding (train-time chunks would let a token see its chunk
-neighbours' unfinished rows). The data are the first `--batches` fixed validation batches, the
+neighbours' unfinished rows). `--chunk_size=N` scores it at chunks of N instead (at the training
+chunks: what train.py's own evaluations and a chunked prefill compute). The data are the first `--batches` fixed validation batches, the
 same for every model.
 """
 
@@ -38,7 +39,7 @@ def main(argv):
     threshold = float(opts.pop("exit_threshold", 1.0))
     _, overrides = T.parse_args([f"--{k}={v}" for k, v in opts.items()])
     ckpt = T.load_checkpoint(paths[0])
-    if overrides.get("cache", ckpt["model_config"]["cache"]) == "shared":
+    if overrides.get("cache", ckpt["model_config"]["cache"]) == "shared" and "chunk_size" not in overrides:
         overrides["chunk_size"] = 1     # inference semantics: every earlier token is final
     model = T.model_from_checkpoint(ckpt, **overrides).eval()
     torch.set_num_threads(2)
@@ -65,6 +66,7 @@ def main(argv):
                    loop_ce=mean(loop_ce), exit_p=mean(exit_p),
                    cache=model.config.cache,
                    gate=model.config.gate if model.config.cache == "shared" else None,
+                   chunk_size=model.config.chunk_size if model.config.cache == "shared" else None,
                    n_loops=n_loops or model.config.n_loop, exit_threshold=threshold)
         if meta.get("task"):
             problems = T.task_problems(data_dir, meta, 200)

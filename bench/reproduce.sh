@@ -318,5 +318,14 @@ line_runs curriculum6k_ "$Q answers hidden, after the lookup, 6,000 steps:" "$QH
 continue_run $Q/curriculum6k_standard $Q/curriculum10k_standard
 run "$Q/curriculum10k_standard" train.py config/${P}_standard.py $QH $CONST_LR $HB --max_iters=10000 --init_from=resume --threads=1
 ev "$Q answers hidden, after the lookup, 10,000 steps: standard" $OUT/$Q/curriculum10k_standard/ckpt.pt
+# a second seed of the 6,000-step curriculum, in one run each: both models start from the lookup
+# model of seed 1 (above) and read the lines in seed 1's order; then MELT's phases from that LoopLM,
+# scored also at the chunks they trained with (32; evaluate.py's default is 1, as when decoding):
+# is what MELT loses on these lines the chunk-wise train/inference mismatch?
+S1="$Q answers hidden, after the lookup, 6,000 steps, seed 1:"
+line_runs curriculum6k_s1_ "$S1" "$QH $CONST_LR $HB --max_iters=6000 \
+    --init_from=$OUT/lookup3_aq/standard_lines_hidden_s1/ckpt.pt --seed=1" "$QH" 1 1
+ev "$S1 MELT phase 1 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase1/ckpt.pt --chunk_size=32
+ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt --chunk_size=32
 
 python bench/report.py "$OUT"
