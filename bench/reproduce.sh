@@ -327,12 +327,14 @@ line_runs curriculum6k_s1_ "$S1" "$QH $CONST_LR $HB --max_iters=6000 \
     --init_from=$OUT/lookup3_aq/standard_lines_hidden_s1/ckpt.pt --seed=1" "$QH" 1 1
 ev "$S1 MELT phase 1 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase1/ckpt.pt --chunk_size=32
 ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt --chunk_size=32
-# and MELT's phases trained at chunks of 4 instead of 32 (a smaller train/inference mismatch)
-run "$Q/curriculum6k_s1_phase1_chunk4" train.py config/${P}_transition.py $QH --chunk_size=4 \
-    --init_from=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt
-run "$Q/curriculum6k_s1_phase2_chunk4" distill.py config/${P}_distill.py $QH --chunk_size=4 \
-    --teacher=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt --init_from=$OUT/$Q/curriculum6k_s1_phase1_chunk4/ckpt.pt
-ev "$S1 MELT phase 1, trained at chunks of 4" $OUT/$Q/curriculum6k_s1_phase1_chunk4/ckpt.pt
-ev "$S1 MELT phase 1+2, trained at chunks of 4" $OUT/$Q/curriculum6k_s1_phase2_chunk4/ckpt.pt
+# and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none)
+for c in 4 1; do
+  run "$Q/curriculum6k_s1_phase1_chunk$c" train.py config/${P}_transition.py $QH --chunk_size=$c \
+      --init_from=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt
+  run "$Q/curriculum6k_s1_phase2_chunk$c" distill.py config/${P}_distill.py $QH --chunk_size=$c \
+      --teacher=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt --init_from=$OUT/$Q/curriculum6k_s1_phase1_chunk$c/ckpt.pt
+  ev "$S1 MELT phase 1, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase1_chunk$c/ckpt.pt
+  ev "$S1 MELT phase 1+2, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase2_chunk$c/ckpt.pt
+done
 
 python bench/report.py "$OUT"
