@@ -336,5 +336,13 @@ for c in 4 1; do
   ev "$S1 MELT phase 1, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase1_chunk$c/ckpt.pt
   ev "$S1 MELT phase 1+2, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase2_chunk$c/ckpt.pt
 done
+# and at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
+L=curriculum6k_s1_phase1_chunk4_long
+run "$Q/$L" train.py config/${P}_transition.py $QH --chunk_size=4 --max_iters=1000 --alpha_steps=1000 \
+    --init_from=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt
+run "$Q/${L/phase1/phase2}" distill.py config/${P}_distill.py $QH --chunk_size=4 --max_iters=500 \
+    --teacher=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt --init_from=$OUT/$Q/$L/ckpt.pt
+ev "$S1 MELT phase 1, trained at chunks of 4, 1,000 steps" $OUT/$Q/$L/ckpt.pt
+ev "$S1 MELT phase 1+2, trained at chunks of 4, 1,000 + 500 steps" $OUT/$Q/${L/phase1/phase2}/ckpt.pt
 
 python bench/report.py "$OUT"
