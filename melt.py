@@ -401,11 +401,12 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 # one-token step) as its own loop, a dot product per output row, vectorised, split over the
 # threads and fused with the ops around it, instead of calling BLAS's matrix-vector product, which
 # runs on one thread. With nn.Linear's (out, in) layout each dot product reads contiguous memory.
-# On our 2-core test machines the products run 5x faster than BLAS's (bench/matvec_layout.py) and
-# the compiled decode step 3.6x faster than eager instead of 1.9x (bench/decode_speed.py).
+# On our 2-core AVX2 test machine the products ran 5x faster than BLAS's (bench/matvec_layout.py)
+# and the compiled decode step 3.6x faster than eager instead of 1.9x (bench/decode_speed.py).
 # cpp_wrapper: the step's glue (buffer allocation, the calls to those loops and to attention) is
-# C++ too, instead of a Python function run at every token: 1.13-1.20x on the same machines, for
-# about a minute more of compilation the first time (inductor caches it on disk).
+# C++ too, instead of a Python function run at every token: 1.13-1.20x there (4.4x eager in all;
+# 5.5-6x on an AVX-512 2-core VM), for up to a minute more of compilation the first time
+# (inductor caches it on disk).
 CPU_DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
 
 
@@ -715,7 +716,7 @@ class MELT(nn.Module):
         advance the cache: use decode_step_fixed(), which does."""
         R, q = self._depth(n_loops, exit_threshold)
         store = _FixedRows(cache_k, cache_v, position)
-        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, self.kv_layout(1.0), q, False)
+        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, self.config.cache, q, False)
         out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, q)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
@@ -733,7 +734,7 @@ class MELT(nn.Module):
 
         def decode_step(idx, cache, n_loops=None, exit_threshold=None):
             R, q = self._depth(n_loops, exit_threshold)   # checked here, outside the compiled graph
-            self._check_cache(cache, idx.shape[0], 1, R, self.kv_layout(1.0))
+            self._check_cache(cache, idx.shape[0], 1, R, self.config.cache)   # alpha=1: the model's own layout
             if idx.shape[1] != 1:
                 raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
             if cuda_graphs:

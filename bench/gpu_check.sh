@@ -108,24 +108,20 @@ reasoning-batch)   # the same question with 4x the batch (256 x 128 tokens) and 
   sweep rb aq2_std_8layers reasoning_h2_aq cpu_standard --batch_size=256 --max_iters=4000 --n_layer=8
   sweep_report rb "rb/*looplm*/ckpt.pt" ;;   # with the looped models' checkpoints
 graph)   # train.py's cuda_graph=True against eager, one after the other on the same batches: a short
-  # LoopLM, then from it phase 1 (alpha 0 -> 1 over 20 of 40 steps: all three recorded layouts),
-  # phase 2 from that phase 1, MELT from scratch, and the LoopLM itself graphed
+  # LoopLM, then from it phase 1 (alpha 0 -> 1 over 20 of 40 steps: eager until alpha reaches 1, then
+  # recorded), phase 2 from that phase 1, MELT from scratch, and the LoopLM itself recorded
   G="--eval_iters=5 --log_interval=10 --sample_tokens=0 --compile=False"
+  both() {   # both NAME CAP COMMAND...: the command eager, then with --cuda_graph=True
+    local n=$1 cap=$2; shift 2
+    part ${n}_eager $cap "$@" --cuda_graph=False --out_dir="$R/${n}_eager"   # (gpu_distill, gpu_melt record by default)
+    part ${n}_graph $cap "$@" --cuda_graph=True --out_dir="$R/${n}_graph"
+  }
   part g_looplm 90 python train.py config/gpu_looplm.py --max_iters=60 --eval_interval=60 $G --out_dir="$R/g_looplm"
-  for m in eager graph; do
-    cg=$([ $m = graph ] && echo --cuda_graph=True)
-    part g_phase1_$m 120 python train.py config/gpu_transition.py --init_from="$R/g_looplm/ckpt.pt" \
-        --max_iters=40 --alpha_steps=20 --eval_interval=40 $G $cg --out_dir="$R/g_phase1_$m"
-  done
-  for m in eager graph; do
-    cg=$([ $m = graph ] && echo --cuda_graph=True)
-    part g_phase2_$m 100 python distill.py config/gpu_distill.py --teacher="$R/g_looplm/ckpt.pt" \
-        --init_from="$R/g_phase1_eager/ckpt.pt" --max_iters=30 --eval_interval=30 $G $cg --out_dir="$R/g_phase2_$m"
-  done
-  for m in eager graph; do
-    cg=$([ $m = graph ] && echo --cuda_graph=True)
-    part g_melt_$m 100 python train.py config/gpu_melt.py --max_iters=40 --eval_interval=40 $G $cg --out_dir="$R/g_melt_$m"
-  done
+  both g_phase1 120 python train.py config/gpu_transition.py --init_from="$R/g_looplm/ckpt.pt" \
+      --max_iters=40 --alpha_steps=20 --eval_interval=40 $G
+  both g_phase2 100 python distill.py config/gpu_distill.py --teacher="$R/g_looplm/ckpt.pt" \
+      --init_from="$R/g_phase1_eager/ckpt.pt" --max_iters=30 --eval_interval=30 $G
+  both g_melt 100 python train.py config/gpu_melt.py --max_iters=40 --eval_interval=40 $G
   part g_looplm_graph 90 python train.py config/gpu_looplm.py --max_iters=60 --eval_interval=60 $G --cuda_graph=True \
       --out_dir="$R/g_looplm_graph" ;;
 *) echo "unknown part $w"; exit 2 ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about fifteen hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about eighteen hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -327,22 +327,18 @@ line_runs curriculum6k_s1_ "$S1" "$QH $CONST_LR $HB --max_iters=6000 \
     --init_from=$OUT/lookup3_aq/standard_lines_hidden_s1/ckpt.pt --seed=1" "$QH" 1 1
 ev "$S1 MELT phase 1 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase1/ckpt.pt --chunk_size=32
 ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt --chunk_size=32
-# and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none)
-for c in 4 1; do
-  run "$Q/curriculum6k_s1_phase1_chunk$c" train.py config/${P}_transition.py $QH --chunk_size=$c \
-      --init_from=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt
-  run "$Q/curriculum6k_s1_phase2_chunk$c" distill.py config/${P}_distill.py $QH --chunk_size=$c \
-      --teacher=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt --init_from=$OUT/$Q/curriculum6k_s1_phase1_chunk$c/ckpt.pt
-  ev "$S1 MELT phase 1, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase1_chunk$c/ckpt.pt
-  ev "$S1 MELT phase 1+2, trained at chunks of $c" $OUT/$Q/curriculum6k_s1_phase2_chunk$c/ckpt.pt
-done
-# and at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
-L=curriculum6k_s1_phase1_chunk4_long
-run "$Q/$L" train.py config/${P}_transition.py $QH --chunk_size=4 --max_iters=1000 --alpha_steps=1000 \
-    --init_from=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt
-run "$Q/${L/phase1/phase2}" distill.py config/${P}_distill.py $QH --chunk_size=4 --max_iters=500 \
-    --teacher=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt --init_from=$OUT/$Q/$L/ckpt.pt
-ev "$S1 MELT phase 1, trained at chunks of 4, 1,000 steps" $OUT/$Q/$L/ckpt.pt
-ev "$S1 MELT phase 1+2, trained at chunks of 4, 1,000 + 500 steps" $OUT/$Q/${L/phase1/phase2}/ckpt.pt
+# and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none),
+# then at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
+s1_melt() {  # s1_melt SUFFIX LABEL "PHASE1_ARGS" "PHASE2_ARGS": MELT's phases from the seed-1
+  # curriculum LoopLM, then their evaluations
+  local t=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt p1=$Q/curriculum6k_s1_phase1$1 p2=$Q/curriculum6k_s1_phase2$1
+  run "$p1" train.py config/${P}_transition.py $QH $3 --init_from=$t
+  run "$p2" distill.py config/${P}_distill.py $QH $4 --teacher=$t --init_from=$OUT/$p1/ckpt.pt
+  ev "$S1 MELT phase 1, $2" $OUT/$p1/ckpt.pt
+  ev "$S1 MELT phase 1+2, $2" $OUT/$p2/ckpt.pt
+}
+for c in 4 1; do s1_melt _chunk$c "trained at chunks of $c" "--chunk_size=$c" "--chunk_size=$c"; done
+s1_melt _chunk4_long "trained at chunks of 4, phases 5x as long" "--chunk_size=4 --max_iters=1000 --alpha_steps=1000" \
+    "--chunk_size=4 --max_iters=500"
 
 python bench/report.py "$OUT"
