@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about eighteen hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about twenty-one hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -329,16 +329,37 @@ ev "$S1 MELT phase 1 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase1/ckpt.pt --c
 ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt --chunk_size=32
 # and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none),
 # then at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
-s1_melt() {  # s1_melt SUFFIX LABEL "PHASE1_ARGS" "PHASE2_ARGS": MELT's phases from the seed-1
-  # curriculum LoopLM, then their evaluations
-  local t=$OUT/$Q/curriculum6k_s1_looplm/ckpt.pt p1=$Q/curriculum6k_s1_phase1$1 p2=$Q/curriculum6k_s1_phase2$1
-  run "$p1" train.py config/${P}_transition.py $QH $3 --init_from=$t
-  run "$p2" distill.py config/${P}_distill.py $QH $4 --teacher=$t --init_from=$OUT/$p1/ckpt.pt
-  ev "$S1 MELT phase 1, $2" $OUT/$p1/ckpt.pt
-  ev "$S1 MELT phase 1+2, $2" $OUT/$p2/ckpt.pt
+melt_from() {  # melt_from PREFIX LABEL SUFFIX ROW "PHASE1_ARGS" "PHASE2_ARGS": MELT's phases from
+  # the curriculum LoopLM $Q/PREFIXlooplm (1 thread each), then their evaluations
+  local t=$OUT/$Q/${1}looplm/ckpt.pt p1=$Q/${1}phase1$3 p2=$Q/${1}phase2$3
+  run "$p1" train.py config/${P}_transition.py $QH $5 --init_from=$t --threads=1
+  run "$p2" distill.py config/${P}_distill.py $QH $6 --teacher=$t --init_from=$OUT/$p1/ckpt.pt --threads=1
+  ev "$2 MELT phase 1, $4" $OUT/$p1/ckpt.pt
+  ev "$2 MELT phase 1+2, $4" $OUT/$p2/ckpt.pt
 }
-for c in 4 1; do s1_melt _chunk$c "trained at chunks of $c" "--chunk_size=$c" "--chunk_size=$c"; done
-s1_melt _chunk4_long "trained at chunks of 4, phases 5x as long" "--chunk_size=4 --max_iters=1000 --alpha_steps=1000" \
-    "--chunk_size=4 --max_iters=500"
+LONG="trained at chunks of 4, phases 5x as long"
+LONG1="--chunk_size=4 --max_iters=1000 --alpha_steps=1000" LONG2="--chunk_size=4 --max_iters=500"
+for c in 4 1; do melt_from curriculum6k_s1_ "$S1" _chunk$c "trained at chunks of $c" "--chunk_size=$c" "--chunk_size=$c"; done
+melt_from curriculum6k_s1_ "$S1" _chunk4_long "$LONG" "$LONG1" "$LONG2"
+# and phases 5x as long at the default chunks (32): is it the length or the chunks of 4 that lets
+# MELT keep the lookup?
+melt_from curriculum6k_s1_ "$S1" _long "phases 5x as long, default chunks" "--max_iters=1000 --alpha_steps=1000" "--max_iters=500"
+
+# does the chaining replicate? A third seed (2) of the lookup model and of the 6,000-step
+# curriculum (standard and LoopLM; seed 1337's chained, seed 1's did not), then MELT's long phases
+# at chunks of 4 from the seed-2 LoopLM: does MELT keep what its teacher does, on a second seed?
+run lookup3_aq/standard_lines_hidden_s2 train.py config/${P}_standard.py ${LK/lookup3/lookup3_aq} --line_batches=True \
+    --batch_size=64 --max_iters=5000 --eval_interval=500 --beta2=0.95 --grad_clip=0 --warmup_iters=0 --hide_answers=True --seed=2
+ev "lookup3_aq standard, one line per row, answers hidden, betas (0.9, 0.95), seed 2" $OUT/lookup3_aq/standard_lines_hidden_s2/ckpt.pt
+S2="$Q answers hidden, after the lookup, 6,000 steps, seed 2:"
+for m in standard looplm; do
+  run $Q/curriculum6k_s2_$m train.py config/${P}_$m.py $QH $CONST_LR $HB --max_iters=6000 \
+      --init_from=$OUT/lookup3_aq/standard_lines_hidden_s2/ckpt.pt --seed=2 --threads=1
+done
+ev "$S2 standard" $OUT/$Q/curriculum6k_s2_standard/ckpt.pt
+ev "$S2 LoopLM" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt
+for n in 1 2 6 8; do ev "$S2 LoopLM n_loops=$n" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --n_loops=$n; done
+for g in last mean first; do ev "$S2 zero-shot gate=$g" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --cache=shared --gate=$g; done
+melt_from curriculum6k_s2_ "$S2" _chunk4_long "$LONG" "$LONG1" "$LONG2"
 
 python bench/report.py "$OUT"
