@@ -4,7 +4,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py                 # headline: eager and compiled, every model
     python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
     python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length, eager and compiled
-    python bench/decode_speed.py --profile       # where the LoopLM's compiled (fixed-shape) decode step spends its time
+    python bench/decode_speed.py --profile       # where the compiled (fixed-shape) decode step of each layout spends its time
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
@@ -162,7 +162,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           + ", ".join(f"{name}: {m.num_params(False) / 1e6:.2f}M parameters" for name, m in models.items()))
     if "--profile" in sys.argv:
-        profile_step(models["LoopLM"])
+        for name in ("LoopLM", "MELT"):   # side by side: where MELT's step differs from the LoopLM's
+            print(f"\n=== {name}")
+            profile_step(models[name])
         return
     if "--contexts" in sys.argv:
         contexts_table(models["LoopLM"], models["MELT"], compile="--no-compile" not in sys.argv)

@@ -361,5 +361,8 @@ ev "$S2 LoopLM" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt
 for n in 1 2 6 8; do ev "$S2 LoopLM n_loops=$n" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --n_loops=$n; done
 for g in last mean first; do ev "$S2 zero-shot gate=$g" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --cache=shared --gate=$g; done
 melt_from curriculum6k_s2_ "$S2" _chunk4_long "$LONG" "$LONG1" "$LONG2"
+# and scored at the chunks they trained with (4): how much of the gap to the teacher is the mismatch?
+ev "$S2 MELT phase 1, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase1_chunk4_long/ckpt.pt --chunk_size=4
+ev "$S2 MELT phase 1+2, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase2_chunk4_long/ckpt.pt --chunk_size=4
 
 python bench/report.py "$OUT"
