@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
-#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about twenty-one hours
+#   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about twenty-two hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
@@ -330,10 +330,10 @@ ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt -
 # and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none),
 # then at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
 melt_from() {  # melt_from PREFIX LABEL SUFFIX ROW "PHASE1_ARGS" "PHASE2_ARGS": MELT's phases from
-  # the curriculum LoopLM $Q/PREFIXlooplm (1 thread each), then their evaluations
+  # the curriculum LoopLM $Q/PREFIXlooplm (1 thread each unless the args say), then their evaluations
   local t=$OUT/$Q/${1}looplm/ckpt.pt p1=$Q/${1}phase1$3 p2=$Q/${1}phase2$3
-  run "$p1" train.py config/${P}_transition.py $QH $5 --init_from=$t --threads=1
-  run "$p2" distill.py config/${P}_distill.py $QH $6 --teacher=$t --init_from=$OUT/$p1/ckpt.pt --threads=1
+  run "$p1" train.py config/${P}_transition.py $QH --threads=1 $5 --init_from=$t
+  run "$p2" distill.py config/${P}_distill.py $QH --threads=1 $6 --teacher=$t --init_from=$OUT/$p1/ckpt.pt
   ev "$2 MELT phase 1, $4" $OUT/$p1/ckpt.pt
   ev "$2 MELT phase 1+2, $4" $OUT/$p2/ckpt.pt
 }
@@ -364,5 +364,8 @@ melt_from curriculum6k_s2_ "$S2" _chunk4_long "$LONG" "$LONG1" "$LONG2"
 # and scored at the chunks they trained with (4): how much of the gap to the teacher is the mismatch?
 ev "$S2 MELT phase 1, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase1_chunk4_long/ckpt.pt --chunk_size=4
 ev "$S2 MELT phase 1+2, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase2_chunk4_long/ckpt.pt --chunk_size=4
+# and phases 10x as long (2,000 + 1,000 steps, 2 threads): does the seed-2 gap close with more steps?
+melt_from curriculum6k_s2_ "$S2" _chunk4_long10 "trained at chunks of 4, phases 10x as long" \
+    "--chunk_size=4 --max_iters=2000 --alpha_steps=2000 --threads=2" "--chunk_size=4 --max_iters=1000 --threads=2"
 
 python bench/report.py "$OUT"
