@@ -12,8 +12,8 @@ bytes per token, decode tokens/s and mean loops used.
 A shared-cache model is scored at inference semantics: chunk_size=1, so every earlier token is
 already final, exactly as when decoding (train-time chunks would let a token see its chunk
 neighbours' unfinished rows). `--chunk_size=N` scores it at chunks of N instead (at the training
-chunks: what train.py's own evaluations and a chunked prefill compute). The data are the first `--batches` fixed validation batches, the
-same for every model.
+chunks: what train.py's own evaluations and a chunked prefill compute). The data are the first
+`--batches` fixed validation batches, the same for every model.
 """
 
 import json

@@ -330,10 +330,10 @@ ev "$S1 MELT phase 1+2 at chunks of 32" $OUT/$Q/curriculum6k_s1_phase2/ckpt.pt -
 # and MELT's phases trained at chunks of 4 and of 1 instead of 32 (a smaller mismatch, then none),
 # then at chunks of 4 with phases 5x as long (1,000 + 500 steps): does MELT relearn the lookup?
 melt_from() {  # melt_from PREFIX LABEL SUFFIX ROW "PHASE1_ARGS" "PHASE2_ARGS": MELT's phases from
-  # the curriculum LoopLM $Q/PREFIXlooplm (1 thread each unless the args say), then their evaluations
+  # the curriculum LoopLM $Q/PREFIXlooplm, then their evaluations (--threads as each run was made)
   local t=$OUT/$Q/${1}looplm/ckpt.pt p1=$Q/${1}phase1$3 p2=$Q/${1}phase2$3
-  run "$p1" train.py config/${P}_transition.py $QH --threads=1 $5 --init_from=$t
-  run "$p2" distill.py config/${P}_distill.py $QH --threads=1 $6 --teacher=$t --init_from=$OUT/$p1/ckpt.pt
+  run "$p1" train.py config/${P}_transition.py $QH $5 --init_from=$t
+  run "$p2" distill.py config/${P}_distill.py $QH $6 --teacher=$t --init_from=$OUT/$p1/ckpt.pt
   ev "$2 MELT phase 1, $4" $OUT/$p1/ckpt.pt
   ev "$2 MELT phase 1+2, $4" $OUT/$p2/ckpt.pt
 }
@@ -343,7 +343,8 @@ for c in 4 1; do melt_from curriculum6k_s1_ "$S1" _chunk$c "trained at chunks of
 melt_from curriculum6k_s1_ "$S1" _chunk4_long "$LONG" "$LONG1" "$LONG2"
 # and phases 5x as long at the default chunks (32): is it the length or the chunks of 4 that lets
 # MELT keep the lookup?
-melt_from curriculum6k_s1_ "$S1" _long "phases 5x as long, default chunks" "--max_iters=1000 --alpha_steps=1000" "--max_iters=500"
+melt_from curriculum6k_s1_ "$S1" _long "phases 5x as long, default chunks" "--max_iters=1000 --alpha_steps=1000 --threads=1" \
+    "--max_iters=500 --threads=1"
 
 # does the chaining replicate? A third seed (2) of the lookup model and of the 6,000-step
 # curriculum (standard and LoopLM; seed 1337's chained, seed 1's did not), then MELT's long phases
@@ -360,7 +361,7 @@ ev "$S2 standard" $OUT/$Q/curriculum6k_s2_standard/ckpt.pt
 ev "$S2 LoopLM" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt
 for n in 1 2 6 8; do ev "$S2 LoopLM n_loops=$n" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --n_loops=$n; done
 for g in last mean first; do ev "$S2 zero-shot gate=$g" $OUT/$Q/curriculum6k_s2_looplm/ckpt.pt --cache=shared --gate=$g; done
-melt_from curriculum6k_s2_ "$S2" _chunk4_long "$LONG" "$LONG1" "$LONG2"
+melt_from curriculum6k_s2_ "$S2" _chunk4_long "$LONG" "$LONG1 --threads=1" "$LONG2 --threads=1"
 # and scored at the chunks they trained with (4): how much of the gap to the teacher is the mismatch?
 ev "$S2 MELT phase 1, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase1_chunk4_long/ckpt.pt --chunk_size=4
 ev "$S2 MELT phase 1+2, $LONG, at chunks of 4" $OUT/$Q/curriculum6k_s2_phase2_chunk4_long/ckpt.pt --chunk_size=4
