@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
+#   bash bench/reproduce.sh core       # the issue's six items only (main rows, zero-shot gates,
+#                                      # ablations, trained gates, depth): the first ~2 1/2 hours
 #   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about twenty-two hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
 #   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
@@ -8,6 +10,8 @@
 # into the README table and the loss-curve plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
+case $PART in core|all) ;; *) echo "usage: bash bench/reproduce.sh [core|all]" >&2; exit 2;; esac
 P=${GPU:+gpu}; P=${P:-cpu}
 OUT=${OUT:-out-$P}
 R=$OUT/results.jsonl
@@ -62,17 +66,16 @@ run "$d/phase2_nointerp" distill.py config/${P}_distill.py --teacher=$D/looplm/c
 run "$d/phase2_noalign" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1/ckpt.pt --beta=0
 run "$d/phase1_scalar" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --gate=scalar
 run "$d/phase2_scalar" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_scalar/ckpt.pt
-for c in 1 4 8 128; do   # 1: a token per chunk, as decoding sees it (1 and 4: one seed only; 1 takes an hour on 2 cores)
-  run "$d/phase1_chunk$c" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --chunk_size=$c
-  run "$d/phase2_chunk$c" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_chunk$c/ckpt.pt --chunk_size=$c
-done
+chunk_row() {  # chunk_row C LABEL: MELT's phases 1 and 2 trained at chunks of C tokens, then scored
+  run "$d/phase1_chunk$1" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --chunk_size=$1
+  run "$d/phase2_chunk$1" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_chunk$1/ckpt.pt --chunk_size=$1
+  ev "$d MELT $2" $D/phase2_chunk$1/ckpt.pt
+}
 ev "$d MELT no interpolation" $D/phase2_nointerp/ckpt.pt
 ev "$d MELT no alignment (beta=0)" $D/phase2_noalign/ckpt.pt
 ev "$d MELT scalar gate" $D/phase2_scalar/ckpt.pt
-ev "$d MELT chunk 1" $D/phase2_chunk1/ckpt.pt
-ev "$d MELT chunk 4" $D/phase2_chunk4/ckpt.pt
-ev "$d MELT chunk 8" $D/phase2_chunk8/ckpt.pt
-ev "$d MELT chunk 128 (whole sequence)" $D/phase2_chunk128/ckpt.pt
+chunk_row 8 "chunk 8"
+chunk_row 128 "chunk 128 (whole sequence)"
 
 # 3 again, trained: the paper's gate table compares the gates after training, so each
 # parameter-free gate also goes through phase 1 and phase 2 exactly as the learned one
@@ -81,6 +84,12 @@ for g in ema mean last; do
   run "$d/phase2_$g" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_$g/ckpt.pt
   ev "$d MELT gate=$g (trained)" $D/phase2_$g/ckpt.pt
 done
+# the small chunks last, being the slowest (on 2 cores chunk 4 takes ~25 minutes, chunk 1 an hour;
+# one seed only): 1 is a token per chunk, as decoding sees it
+chunk_row 4 "chunk 4"
+chunk_row 1 "chunk 1"
+# `core` ends here: every row above is one of the issue's six items, once (seed 1337)
+if [ "$PART" = core ]; then python bench/report.py "$OUT"; exit 0; fi
 
 # seed spread of the main rows: other inits and data orders (the rows above are seed 1337).
 # SEEDS="" bash bench/reproduce.sh skips this part.
