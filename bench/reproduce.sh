@@ -61,6 +61,7 @@ done
 
 # 5: ablations of MELT (Shakespeare): no interpolation, no alignment, scalar gate, chunk sizes
 D=$OUT/shakespeare_char; d=shakespeare_char
+if [ -n "${GPU:-}" ]; then WHOLE=256; else WHOLE=128; fi   # the block size: one chunk per sequence
 run "$d/phase1_nointerp" train.py config/${P}_transition.py --init_from=$D/looplm/ckpt.pt --alpha_steps=0
 run "$d/phase2_nointerp" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_nointerp/ckpt.pt
 run "$d/phase2_noalign" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1/ckpt.pt --beta=0
@@ -75,7 +76,7 @@ ev "$d MELT no interpolation" $D/phase2_nointerp/ckpt.pt
 ev "$d MELT no alignment (beta=0)" $D/phase2_noalign/ckpt.pt
 ev "$d MELT scalar gate" $D/phase2_scalar/ckpt.pt
 chunk_row 8 "chunk 8"
-chunk_row 128 "chunk 128 (whole sequence)"
+chunk_row $WHOLE "chunk $WHOLE (whole sequence)"
 
 # 3 again, trained: the paper's gate table compares the gates after training, so each
 # parameter-free gate also goes through phase 1 and phase 2 exactly as the learned one
@@ -117,7 +118,7 @@ for s in ${SEEDS-1 2}; do
 done
 # and for the scalar gate, the chunk sizes and the trained parameter-free gates
 for s in ${SEEDS-1 2}; do
-  for v in scalar chunk8 chunk128 ema mean last; do
+  for v in scalar chunk8 chunk$WHOLE ema mean last; do
     case $v in chunk*) a="--chunk_size=${v#chunk}";; *) a="--gate=$v";; esac
     run "$d/phase1_${v}_s$s" train.py config/${P}_transition.py --init_from=$D/looplm_s$s/ckpt.pt $a --seed=$s
     run "$d/phase2_${v}_s$s" distill.py config/${P}_distill.py --teacher=$D/looplm_s$s/ckpt.pt \
