@@ -8,6 +8,7 @@ bytes per token, decode tokens/s and mean loops used.
     python bench/evaluate.py out-cpu/looplm/ckpt.pt --cache=shared --gate=last     # zero-shot sharing
     python bench/evaluate.py out-cpu/melt/ckpt.pt --n_loops=6 --exit_threshold=0.9
     ... --label=NAME --log=results.jsonl   (append the line to a file, with a label)
+    ... --device=cpu                       (default: the GPU where there is one)
 
 A shared-cache model is scored at inference semantics: chunk_size=1, so every earlier token is
 already final, exactly as when decoding (train-time chunks would let a token see its chunk
@@ -37,11 +38,13 @@ def main(argv):
     n_loops = int(opts.pop("n_loops", 0)) or None
     batches_n = int(opts.pop("batches", 6))
     threshold = float(opts.pop("exit_threshold", 1.0))
+    # the GPU where there is one (the GPU setting's 8 x 512 models at chunk 1 are slow on 2 cores)
+    device = torch.device(opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu"))
     _, overrides = T.parse_args([f"--{k}={v}" for k, v in opts.items()])
     ckpt = T.load_checkpoint(paths[0])
     if overrides.get("cache", ckpt["model_config"]["cache"]) == "shared" and "chunk_size" not in overrides:
         overrides["chunk_size"] = 1     # inference semantics: every earlier token is final
-    model = T.model_from_checkpoint(ckpt, **overrides).eval()
+    model = T.model_from_checkpoint(ckpt, **overrides).eval().to(device)
     torch.set_num_threads(2)
     tcfg = ckpt["train_config"]
     data_dir = T.ensure_dataset(tcfg["dataset"])
@@ -56,7 +59,7 @@ def main(argv):
     ce = lambda logits, y: T.token_ce(logits, y).item()
     with torch.no_grad():
         for i in range(batches_n):
-            x, y = batches.get("val", 10_000_000 + i, 0, torch.device("cpu"))
+            x, y = batches.get("val", 10_000_000 + i, 0, device)
             out = model.run(x, n_loops=n_loops, exit_threshold=threshold)
             losses.append(ce(model.lm_head(out.selected), y))
             loop_ce.append([ce(lg, y) for lg in model.loop_logits(out)])
@@ -70,18 +73,18 @@ def main(argv):
                    n_loops=n_loops or model.config.n_loop, exit_threshold=threshold)
         if meta.get("task"):
             problems = T.task_problems(data_dir, meta, 200)
-            rec["task_acc"] = T.task_accuracy(model, problems, torch.device("cpu"), n_loops=n_loops,
+            rec["task_acc"] = T.task_accuracy(model, problems, device, n_loops=n_loops,
                                               exit_threshold=threshold)
             if meta.get("all_queries") or meta.get("queries", 1) > 1:   # several questions a line: each one's accuracy
-                lines, hits = T.question_hits(model, data_dir, meta, 200, torch.device("cpu"), n_loops=n_loops,
+                lines, hits = T.question_hits(model, data_dir, meta, 200, device, n_loops=n_loops,
                                               exit_threshold=threshold, hide_answers=hide)
                 rec["task_acc_by_question"] = [round(a, 3) for a in T.accuracy_by_question(lines, hits)]
                 if meta["task"] == "chains":   # and by depth, wherever asked
                     rec["task_acc_by_hops"] = {h: round(a, 3) for h, a in T.accuracy_by_hops(lines, hits).items()}
-        cache = model.new_cache(1, model.config.block_size, n_loops=n_loops)
+        cache = model.new_cache(1, model.config.block_size, n_loops=n_loops, device=device)
         rec["kv_bytes_per_token"] = cache.nbytes // model.config.block_size
         newline = T.load_tokenizer(meta).encode("\n")[0]
-        prompt = torch.full((1, 32), newline, dtype=torch.long)   # 32 newlines, then 64 decoded tokens
+        prompt = torch.full((1, 32), newline, dtype=torch.long, device=device)   # 32 newlines, then 64 decoded tokens
         stream = model.generate_stream(prompt, 64, temperature=0, cache=cache, n_loops=n_loops,
                                        exit_threshold=threshold)
         next(stream)
