@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The MELT paper in miniature: every run and every evaluation behind the README's results table.
 #   bash bench/reproduce.sh core       # the six items only (main rows, zero-shot gates,
-#                                      # ablations, trained gates, depth): the first ~2 1/2 hours
+#                                      # ablations, trained gates, depth): 65 minutes on the
+#                                      # 2-core AVX-512 VM from a clean clone (2026-11-26)
 #   bash bench/reproduce.sh            # 2-core CPU setting (config/cpu_*.py), about twenty-two hours
 #   SEEDS="" bash bench/reproduce.sh   # the same without the two extra seeds (~2 hours less)
-#   GPU=1 bash bench/reproduce.sh      # the same rows with config/gpu_*.py models on one GPU
+#   GPU=1 bash bench/reproduce.sh core # the same rows with config/gpu_*.py models on one GPU (never run:
+#                                      # ~17 hours estimated, most of it the small-chunk ablations; README)
 # Resumable: a run whose folder has a .done marker is skipped. Results: $OUT/results.jsonl (one
 # line per evaluation) and $OUT/times.tsv (wall seconds per run); bench/report.py turns them
 # into the README table and the loss-curve plot.
@@ -85,8 +87,8 @@ for g in ema mean last; do
   run "$d/phase2_$g" distill.py config/${P}_distill.py --teacher=$D/looplm/ckpt.pt --init_from=$D/phase1_$g/ckpt.pt
   ev "$d MELT gate=$g (trained)" $D/phase2_$g/ckpt.pt
 done
-# the small chunks last, being the slowest (on 2 cores chunk 4 takes ~25 minutes, chunk 1 an hour;
-# one seed only): 1 is a token per chunk, as decoding sees it
+# the small chunks last, being the slowest (phases 1+2 on 2 cores: chunk 4 7 minutes, chunk 1 22 on
+# the AVX-512 VM; ~25 and 63 on the AVX2 one; one seed only): 1 is a token per chunk, as decoding sees it
 chunk_row 4 "chunk 4"
 chunk_row 1 "chunk 1"
 # `core` ends here: every row above is one of the issue's six items, once (seed 1337)
