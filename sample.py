@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import train as T
-from melt import MELT, MeltError, check_sampling, load_ouro_tokenizer
+from melt import MELT, check_sampling, load_ouro_tokenizer
 
 
 @dataclass
@@ -92,7 +92,7 @@ def main(argv):
                             f"model's context of {mc.block_size} tokens")
     n_loops = cfg.n_loops or None
     if mc.cache == "loop" and mc.exit_threshold < 1.0:
-        print(f"note: with cache=loop every loop still runs (later tokens need every loop's row); "
+        print("note: with cache=loop every loop still runs (later tokens need every loop's row); "
               f"exit_threshold only picks which loop's logits are used", file=sys.stderr)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     # compile only the one-token step, in its fixed-shape form (CUDA graphs on a GPU), as gpt-fast does
