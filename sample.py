@@ -93,7 +93,7 @@ def main(argv):
     n_loops = cfg.n_loops or None
     if mc.cache == "loop" and mc.exit_threshold < 1.0:
         print("note: with cache=loop every loop still runs (later tokens need every loop's row); "
-              f"exit_threshold only picks which loop's logits are used", file=sys.stderr)
+              "exit_threshold only picks which loop's logits are used", file=sys.stderr)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     # compile only the one-token step, in its fixed-shape form (CUDA graphs on a GPU), as gpt-fast does
     decode_step = model.decode_step_fixed(compile=True) if cfg.compile else None
