@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import train as T
-from melt import MELT
+from melt import MELT, load_model
 
 
 @dataclass
@@ -44,20 +44,13 @@ class DistillConfig(T.TrainConfig):
 
 
 def load_teacher(path, device, dtype):
-    """The frozen looped teacher."""
+    """The frozen looped teacher: an Ouro directory or a LoopLM checkpoint of this project."""
     if not path:
         raise T.ConfigError("say which teacher: --teacher=OURO_DIR or --teacher=looplm/ckpt.pt")
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise T.ConfigError(f"teacher directory {path!r} has no config.json (not an Ouro checkpoint)")
-        teacher = MELT.from_ouro(path, dtype=torch.float32, cache="loop")
-    elif os.path.exists(path):
-        ckpt = T.load_checkpoint(path)
-        if ckpt["model_config"].get("cache") != "loop":
+    if not os.path.isdir(path) and os.path.exists(path):
+        if T.load_checkpoint(path)["model_config"].get("cache") != "loop":
             raise T.ConfigError(f"teacher {path!r} is a shared-cache (MELT) model; the teacher must be a LoopLM")
-        teacher = T.model_from_checkpoint(ckpt)
-    else:
-        raise T.ConfigError(f"teacher {path!r} does not exist")
+    teacher, _ = load_model(path, dtype=torch.float32)
     teacher.to(device)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
@@ -93,15 +86,12 @@ def build_distill(cfg, model_keys, rt):
         if not os.path.isfile(path):
             raise T.ConfigError(f"init_from=resume but {path} does not exist")
         ckpt = T.load_checkpoint(path)
-        student = T.model_from_checkpoint(ckpt, **model_keys)
+        student = MELT.from_checkpoint(ckpt, **model_keys)
         step, best = ckpt["step"], ckpt["best_val_loss"]
     elif cfg.init_from == "teacher":
-        if os.path.isdir(cfg.teacher):
-            student = MELT.from_ouro(cfg.teacher, dtype=torch.float32, **{"cache": "shared", **model_keys})
-        else:
-            student = T.model_from_checkpoint(T.load_checkpoint(cfg.teacher), **{"cache": "shared", **model_keys})
+        student, _ = load_model(cfg.teacher, dtype=torch.float32, **{"cache": "shared", **model_keys})
     else:
-        student = T.model_from_checkpoint(T.load_checkpoint(cfg.init_from), **model_keys)
+        student, _ = load_model(cfg.init_from, dtype=torch.float32, **model_keys)
     check_pair(student, teacher)
     T.check_model_against_data(student.config, meta, cfg.dataset)
     student.checkpoint_mlp = cfg.checkpoint_mlp
@@ -134,7 +124,7 @@ class DistillObjective(torch.nn.Module):
         out = m.run(x, alpha=alpha, collect_attn=True)
         s_logits = m.loop_logits(out) if cfg.kd_loops == "all" else m.lm_head(out.hidden[-1:])
         t_logits = t["logits"]
-        kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature, y if cfg.answer_only else None)
+        kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature, y)
                           for r in range(s_logits.shape[0])]).mean()
         s_attn = torch.stack([torch.stack(a) for a in out.attn])                    # (R, L, B, T, C)
         align = (s_attn.float() - t["attn"].float()).pow(2).sum(-1).mean()
@@ -153,7 +143,7 @@ class DistillObjective(torch.nn.Module):
         self.model.eval()
         kd, align, t_loss = [], [], []
         for i in range(self.cfg.eval_iters):
-            x, y = batches.get("val", 10_000_000 + i, 0, rt.device)
+            x, y = batches.eval_batch("val", i, 0, rt.device)
             with rt.autocast:
                 t_out = self.teacher_outputs(teacher, x)
                 _, parts = self.forward(x, y, alpha, t_out)
@@ -172,7 +162,7 @@ class DistillObjective(torch.nn.Module):
 def main(argv):
     cfg, model_keys = T.parse_args(argv, train_cls=DistillConfig)
     student, rec, _ = T.train(cfg, model_keys, objective_cls=DistillObjective, build_fn=build_distill)
-    print(f"final: student val CE {rec['val_ce']:.4f}, teacher val CE {rec['teacher_val_ce']:.4f}, "
+    print(f"final: student {T.final_line(rec)}, teacher val CE {rec['teacher_val_ce']:.4f}, "
           f"val KD {rec['val_kd']:.4f}, val alignment {rec['val_align']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 

@@ -13,17 +13,19 @@ A looped language model applies one stack of n_layer decoder layers n_loop times
                   inference earlier tokens are already final.
 
 Where things live (search for the tags):
-    THE LOOP          MELT._run_chunk: `for r in range(n_loops)` around `for l in range(n_layer)`
     THE GATE          LatentGate.forward: z and the update of s
-    THE CACHE LAYOUTS KVCache (preallocated, inference) and _History (autograd, training);
-                      MELT._attend chooses which rows a layer reads at a loop
-    DECODING          MELT.step (prefill, and one token eagerly); MELT.step_fixed, the one-token
-                      step with fixed shapes that sample.py --compile compiles (gpt-fast style)
+    THE LAYOUTS       Attention.forward: which key/value rows a layer reads at a loop
+    THE STORES        KVStore: the one interface to the rows (KVCache, TrainHistory, FixedRows)
+    THE LOOP          MELT._run_chunk: `for r in range(n_loops)` around the blocks
+    THE CHUNKS        MELT.run: shared mode runs the sequence chunk after chunk
+    THE SWEEPS        MELT._run_chunk: training at decode semantics, a chunk re-run k more times
+    DECODING          MELT.prefill, MELT.decode_step_fixed (gpt-fast's one-token step), generate
 """
 
 import json
 import os
-from dataclasses import dataclass, fields, asdict
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -57,6 +59,7 @@ class MeltConfig:
     gate_bias_init: float = -2.0     # learned/scalar gate start: z = sigmoid(-2) = 0.12, near "last"
     ema_rate: float = 0.2            # gate="ema": weight of the new loop, s = (1-rate)*s + rate*x
     chunk_size: int = 64             # shared mode: tokens per chunk in training and prefill
+    sweeps: int = 0                  # shared mode: extra passes per chunk towards decode semantics (THE SWEEPS)
     exit_threshold: float = 1.0      # the loop whose logits are "the" logits: first with cum. exit prob >= this
     loss: str = "expected_logits"    # training loss, one of LOSSES
     entropy_weight: float = 0.05     # loss="expected_loss": beta of the entropy bonus on the exit distribution
@@ -79,6 +82,9 @@ class MeltConfig:
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         need(self.n_loop >= 1, f"n_loop={self.n_loop} must be >= 1")
         need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
+        need(self.sweeps >= 0, f"sweeps={self.sweeps} must be >= 0")
+        need(self.sweeps == 0 or self.cache == "shared",
+             f"sweeps={self.sweeps} needs cache='shared' (a loop cache has no chunks to sweep)")
         need(self.cache in CACHE_LAYOUTS, f"cache={self.cache!r}, expected one of {CACHE_LAYOUTS}")
         need(self.gate in GATES, f"gate={self.gate!r}, expected one of {GATES}")
         need(self.loss in LOSSES, f"loss={self.loss!r}, expected one of {LOSSES}")
@@ -91,7 +97,161 @@ class MeltConfig:
 
 
 # -----------------------------------------------------------------------------
-# small pieces: norm, rotary embedding, attention projections, MLP, the MELT gate
+# THE STORES: where a layer's key/value rows live
+
+class KVStore:
+    """The one interface between the layers and their key/value rows.
+
+    rows(slot, layer, k, v): write the current chunk's rows k, v (B, nkv, c, hs) of (slot, layer)
+        and return every row of (slot, layer) a query of this chunk may read, earlier tokens'
+        first, then the chunk's (the attention mask hides what a query may not see).
+    end_chunk(n): the chunk's n tokens are done; the next rows come after them.
+    pos: the number of tokens before the current chunk (an int; a (1,) tensor in FixedRows).
+    chunk_rows(slot, layer): the chunk's rows as last written (THE SWEEPS read them).
+
+    A slot is a loop index in the loop layout (slot r: every token's loop-r rows) and 0 in the
+    shared layout (one row per token and layer). Three implementations:
+        KVCache       inference: preallocated, written in place, passed into the model
+        TrainHistory  training: autograd tensors, concatenated, so gradients reach earlier chunks
+        FixedRows     the fixed-shape one-token decode view of a KVCache (torch.compile, CUDA graphs)
+    """
+
+    def rows(self, slot, layer, k, v):
+        raise NotImplementedError
+
+    def end_chunk(self, n_tokens):
+        raise NotImplementedError
+
+
+class KVCache(KVStore):
+    """Preallocated keys/values for inference, passed into the model, never stored on it.
+
+    k, v have shape (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE:
+        loop layout   (LoopLM): n_slots = n_loop, slot r holds every token's loop-r row.
+        shared layout (MELT):   n_slots = 1, the one row per token and layer that all loops read;
+                                while a chunk runs it holds the chunk's current rows, after the
+                                chunk's last loop its final rows.
+    `pos` is the number of tokens already in the cache; it advances in end_chunk() and nowhere else.
+    `position` is the same number as a (1,) tensor on the cache's device, for the fixed-shape
+    decode step, whose compiled graph must not depend on a Python number.
+    """
+
+    def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.layout, self.batch_size, self.max_len = layout, batch_size, max_len
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # views of each (slot, layer) block, made once: indexing them is the decode hot path
+        self._k = [list(self.k[i].unbind(0)) for i in range(n_slots)]   # [slot][layer] (B, nkv, max_len, hs)
+        self._v = [list(self.v[i].unbind(0)) for i in range(n_slots)]
+        self.pos, self._c = 0, 0
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def rows(self, slot, layer, k, v):
+        self._c = k.shape[2]
+        end = self.pos + self._c
+        kc, vc = self._k[slot][layer], self._v[slot][layer]
+        kc[:, :, self.pos:end] = k
+        vc[:, :, self.pos:end] = v
+        return kc[:, :, :end], vc[:, :, :end]   # views, no copy
+
+    def chunk_rows(self, slot, layer):
+        end = self.pos + self._c
+        return self._k[slot][layer][:, :, self.pos:end].clone(), self._v[slot][layer][:, :, self.pos:end].clone()
+
+    def end_chunk(self, n_tokens):
+        self.pos += n_tokens
+        self.position.fill_(self.pos)
+
+    def reset(self):
+        self.pos = 0
+        self.position.zero_()
+
+    def clone(self):
+        """An independent copy at the same position (e.g. to branch generation from one prompt)."""
+        dup = KVCache(self.layout, *self.k.shape, self.k.dtype, self.k.device)
+        dup.k.copy_(self.k)
+        dup.v.copy_(self.v)
+        dup.end_chunk(self.pos)
+        return dup
+
+
+class TrainHistory(KVStore):
+    """The training-time store: earlier chunks' rows kept as autograd tensors (concatenated, not
+    written in place) so that gradients flow through them. Slots are dict keys, so the
+    transition can hold both layouts (loop slots 0..R-1 and the shared slot R)."""
+
+    def __init__(self):
+        self.past, self.current, self.pos = {}, {}, 0
+
+    def rows(self, slot, layer, k, v):
+        self.current[slot, layer] = (k, v)   # in shared mode the last loop's write is the final row
+        if (slot, layer) not in self.past:
+            return k, v
+        pk, pv = self.past[slot, layer]
+        return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+
+    def chunk_rows(self, slot, layer):
+        return self.current[slot, layer]
+
+    def end_chunk(self, n_tokens):
+        for key, (k, v) in self.current.items():
+            if key in self.past:
+                pk, pv = self.past[key]
+                k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+            self.past[key] = (k, v)
+        self.current = {}
+        self.pos += n_tokens
+
+
+class FixedRows(KVStore):
+    """The decode-time view of a KVCache with every shape fixed, for torch.compile and CUDA graphs
+    (gpt-fast's design): rows() writes the token's row at `pos`, a (1,) int64 tensor, and returns
+    the whole preallocated (slot, layer) block; the attention mask hides the rows after pos. So the
+    compiled step sees the same shapes at every position and is traced once. The caller advances
+    the KVCache."""
+
+    def __init__(self, k, v, pos):
+        _, _, B, nkv, self.max_len, _ = k.shape
+        self.k, self.v, self.pos = k, v, pos
+        # where a token's rows go, as index tensors broadcast to (B, nkv, 1): index_put_ on the
+        # whole cache tensor, not on a view of it, which a compiled graph would copy every step
+        self.b = torch.arange(B, device=k.device).view(B, 1, 1)
+        self.h = torch.arange(nkv, device=k.device).view(1, nkv, 1)
+
+    def rows(self, slot, layer, k, v):
+        at = (self.pos.new_full((1, 1, 1), slot), self.pos.new_full((1, 1, 1), layer), self.b, self.h,
+              self.pos.view(1, 1, 1))
+        self.k.index_put_(at, k)   # k, v: (B, nkv, 1, hs), i.e. one row of hs per (b, head)
+        self.v.index_put_(at, v)
+        return self.k[slot, layer], self.v[slot, layer]   # (B, nkv, max_len, hs)
+
+    def end_chunk(self, n_tokens):
+        pass   # the cache's position advances outside the compiled step, in KVCache.end_chunk
+
+
+@dataclass
+class Chunk:
+    """What every layer needs to know about the chunk it runs, besides its own inputs. Made once
+    per chunk (MELT._chunk, or MELT._decode_one_token for the fixed-shape step)."""
+    store: KVStore                       # where the rows are read and written
+    layout: str                          # "loop", "shared" or "both" (MELT.kv_layout)
+    alpha: float                         # the transition: weight of the shared rows in "both"
+    shared_slot: int                     # the shared rows' slot: 0, or n_loops in the transition
+    cos: torch.Tensor                    # (c, hs) RoPE tables at the chunk's positions
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]         # (c, keys) bool, True = may read; None with is_causal or one token
+    is_causal: bool                      # SDPA's own causal mask (a first chunk, nothing before it)
+    prev: Optional[dict] = None          # THE SWEEPS: {(slot, layer): (k, v)} the chunk's rows of the pass before
+    exited: Optional[torch.Tensor] = None   # adaptive depth: (B, c, 1) bool, tokens that stopped looping
+
+
+# -----------------------------------------------------------------------------
+# the layers: norm, rotary embedding, attention, MLP, the MELT gate, the block
 
 class RMSNorm(nn.Module):
     """Weight-only RMSNorm computed in float32 and cast back before the scale, as Ouro does."""
@@ -124,16 +284,56 @@ def apply_rope(x, cos, sin_signed):
 
 
 class Attention(nn.Module):
-    """The projections of one attention layer, no biases (Ouro). Keys and values share one
-    matrix kv_proj, W_K's rows then W_V's (one read instead of two when decoding); queries have
-    their own because in shared mode they come from x while keys/values come from the latent s. The
-    attention itself is in MELT._attend: which keys a query sees depends on the cache layout."""
+    """One attention layer, no biases (Ouro). Keys and values share one matrix kv_proj, W_K's rows
+    then W_V's (one read instead of two when decoding); queries have their own because in shared
+    mode they come from x while keys/values come from the latent s."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.kv_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def kv(self, inp, ck):
+        """Keys (after RoPE) and values of the rows inp (B, c, C) -> 2 x (B, nkv, c, hs)."""
+        B, c, _ = inp.shape
+        kv = self.kv_proj(inp).view(B, c, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, 2nkv, c, hs)
+        k, v = kv.split(self.n_kv_head, dim=1)                                              # (B, nkv, c, hs)
+        return apply_rope(k, ck.cos, ck.sin), v
+
+    def forward(self, x, s, r, ck):
+        """THE LAYOUTS. Attention at loop r for the chunk's normed inputs x (B, c, C); s is the
+        MELT latent (shared layouts). Which key/value rows are read is the whole difference:
+            loop    rows projected from x at loop r; earlier tokens' loop-r rows (slot r)
+            shared  rows projected from s; earlier tokens' final rows (one slot)
+            both    the transition: alpha * shared + (1 - alpha) * loop, both kept
+        With THE SWEEPS (ck.prev) the chunk's earlier tokens are read from the previous pass's
+        final rows instead of their current ones (the mask shows each query its own current row
+        and the earlier tokens' previous rows)."""
+        B, c, _ = x.shape
+        q = self.q_proj(x).view(B, c, self.n_head, self.head_dim).transpose(1, 2)   # (B, nh, c, hs)
+        q = apply_rope(q, ck.cos, ck.sin)
+        store, l = ck.store, self.layer
+        if ck.layout == "loop":
+            k, v = store.rows(r, l, *self.kv(x, ck))
+        elif ck.layout == "shared":
+            k, v = store.rows(ck.shared_slot, l, *self.kv(s, ck))
+        else:
+            k_loop, v_loop = store.rows(r, l, *self.kv(x, ck))
+            k_shr, v_shr = store.rows(ck.shared_slot, l, *self.kv(s, ck))
+            k = ck.alpha * k_shr + (1.0 - ck.alpha) * k_loop
+            v = ck.alpha * v_shr + (1.0 - ck.alpha) * v_loop
+        if ck.prev is not None:   # append the previous pass's rows of the chunk: (B, nkv, P + 2c, hs)
+            pk, pv = ck.prev[ck.shared_slot, l]
+            if ck.layout == "both":   # the loop rows of the chunk are current in every pass
+                pk = ck.alpha * pk + (1.0 - ck.alpha) * k_loop[:, :, -c:]
+                pv = ck.alpha * pv + (1.0 - ck.alpha) * v_loop[:, :, -c:]
+            k, v = torch.cat((k, pk), dim=2), torch.cat((v, pv), dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ck.mask, is_causal=ck.is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, c, hs)
+        y = y.transpose(1, 2).reshape(B, c, self.n_head * self.head_dim)             # (B, c, nh*hs)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -206,130 +406,47 @@ class LatentGate(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer in Ouro's "sandwich" form, with four RMSNorms:
-        h = h + attn_out_norm(attn(attn_in_norm(h)))
-        h = h + mlp_out_norm(mlp(mlp_in_norm(h)))
-    (Ouro's names: input_layernorm, input_layernorm_2, post_attention_layernorm,
-    post_attention_layernorm_2.) The gate exists in shared mode only."""
+    """One decoder layer in Ouro's "sandwich" form, four RMSNorms (Ouro's names: input_layernorm,
+    input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2). In shared mode the
+    gate updates the latent s from the attention's normed input before keys/values are read."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.attn_in_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.attn_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp_in_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.mlp_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.gate = LatentGate(cfg) if cfg.cache == "shared" else None
+        self.checkpoint_mlp = False   # training memory: recompute the MLP half in backward
+
+    def forward(self, h, s, r, ck):
+        """h (B, c, C) at loop r, s this layer's latent -> (h, s, attention output)."""
+        x = self.attn_in_norm(h)
+        if ck.layout != "loop":
+            s_new = self.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
+            # a token that has exited (adaptive depth) keeps its latent, so the row it writes
+            # again is its final row, the one later tokens must read
+            s = s_new if ck.exited is None else torch.where(ck.exited, s, s_new)
+        a = self.attn(x, s, r, ck)
+        h = h + self.attn_out_norm(a)
+        h = h + self.mlp_half(h)
+        return h, s, a
+
+    def mlp_half(self, h):
+        if self.checkpoint_mlp and torch.is_grad_enabled():
+            # the widest activations, recomputed in backward; the attention half reads the KV
+            # store, so it is not recomputed
+            return torch.utils.checkpoint.checkpoint(self._mlp_half, h, use_reentrant=False)
+        return self._mlp_half(h)
+
+    def _mlp_half(self, h):
+        return self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
 
 
 # -----------------------------------------------------------------------------
-# THE CACHE LAYOUTS
-
-class KVCache:
-    """Preallocated keys/values for inference, passed into the model, never stored on it.
-
-    k, v have shape (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE:
-        loop layout   (LoopLM): n_slots = n_loop, slot r holds every token's loop-r row.
-        shared layout (MELT):   n_slots = 1, the one row per token and layer that all loops read;
-                                while a chunk runs it holds the chunk's current rows, after the
-                                chunk's last loop its final rows.
-    `pos` is the number of tokens already in the cache; it advances in end_chunk() and nowhere else.
-    `position` is the same number as a (1,) tensor on the cache's device, for the fixed-shape
-    decode step (MELT.step_fixed), whose compiled graph must not depend on a Python number.
-    """
-
-    def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        shape = (n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.layout, self.batch_size, self.max_len = layout, batch_size, max_len
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # views of each (slot, layer) block, made once: indexing them is the decode hot path
-        self._k = [list(self.k[i].unbind(0)) for i in range(n_slots)]   # [slot][layer] (B, nkv, max_len, hs)
-        self._v = [list(self.v[i].unbind(0)) for i in range(n_slots)]
-        self.pos = 0
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-
-    @property
-    def nbytes(self):
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def rows(self, slot, layer, k, v):
-        """Write the chunk's rows k, v (B, nkv, c, hs) at the current position and return all
-        rows of (slot, layer) up to the chunk's end, as views (no copy)."""
-        end = self.pos + k.shape[2]
-        kc, vc = self._k[slot][layer], self._v[slot][layer]
-        kc[:, :, self.pos:end] = k
-        vc[:, :, self.pos:end] = v
-        return kc[:, :, :end], vc[:, :, :end]
-
-    def end_chunk(self, n_tokens):
-        self.pos += n_tokens
-        self.position.fill_(self.pos)
-
-    def reset(self):
-        self.pos = 0
-        self.position.zero_()
-
-    def clone(self):
-        """An independent copy at the same position (e.g. to branch generation from one prompt)."""
-        dup = KVCache(self.layout, *self.k.shape, self.k.dtype, self.k.device)
-        dup.k.copy_(self.k)
-        dup.v.copy_(self.v)
-        dup.end_chunk(self.pos)
-        return dup
-
-
-class _FixedRows:
-    """The decode-time view of a KVCache with every shape fixed, for torch.compile and CUDA graphs
-    (gpt-fast's design): rows() writes the token's row at `pos`, a (1,) int64 tensor, and returns
-    the whole preallocated (slot, layer) block; the attention mask hides the rows after pos. So the
-    compiled step sees the same shapes at every position and is traced once. Used by
-    MELT.step_fixed; the caller advances the KVCache."""
-
-    def __init__(self, k, v, pos):
-        _, _, B, nkv, self.max_len, _ = k.shape
-        self.k, self.v, self.pos = k, v, pos
-        # where a token's rows go, as index tensors broadcast to (B, nkv, 1): index_put_ on the
-        # whole cache tensor, not on a view of it, which a compiled graph would copy every step
-        self.b = torch.arange(B, device=k.device).view(B, 1, 1)
-        self.h = torch.arange(nkv, device=k.device).view(1, nkv, 1)
-
-    def rows(self, slot, layer, k, v):
-        at = (self.pos.new_full((1, 1, 1), slot), self.pos.new_full((1, 1, 1), layer), self.b, self.h,
-              self.pos.view(1, 1, 1))
-        self.k.index_put_(at, k)   # k, v: (B, nkv, 1, hs), i.e. one row of hs per (b, head)
-        self.v.index_put_(at, v)
-        return self.k[slot, layer], self.v[slot, layer]   # (B, nkv, max_len, hs)
-
-    def end_chunk(self, n_tokens):
-        pass   # the cache's position advances outside the compiled step, in KVCache.end_chunk
-
-
-class _History:
-    """The training-time twin of KVCache: same rows() / end_chunk() / pos, but it keeps earlier
-    chunks' rows as autograd tensors (concatenated, not written in place) so that gradients
-    flow through them. Slots are keys of a dict, so the transition can hold both layouts."""
-
-    def __init__(self):
-        self.past, self.current, self.pos = {}, {}, 0
-
-    def rows(self, slot, layer, k, v):
-        self.current[slot, layer] = (k, v)   # in shared mode the last loop's write is the final row
-        if (slot, layer) not in self.past:
-            return k, v
-        pk, pv = self.past[slot, layer]
-        return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-
-    def end_chunk(self, n_tokens):
-        for key, (k, v) in self.current.items():
-            if key in self.past:
-                pk, pv = self.past[key]
-                k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-            self.past[key] = (k, v)
-        self.current = {}
-        self.pos += n_tokens
-
+# the exit distribution, sampling
 
 @dataclass
 class LoopOutput:
@@ -342,14 +459,15 @@ class LoopOutput:
     attn: list                  # attn[t][l] (B, T, C): attention output of layer l at loop t, or None
 
 
-def exit_distribution(gate_logits):
+def exit_distribution(gate_logits, final=True):
     """Ouro's p_t = lambda_t * prod_{j<t}(1 - lambda_j), the last loop taking the remainder.
-    gate_logits: (R, ...) -> p: (R, ...). Same order of operations as the reference code."""
+    gate_logits: (R, ...) -> p: (R, ...). Same order of operations as the reference code.
+    final=False: the loops so far of a run that may go on (no loop takes the remainder)."""
     lam = torch.sigmoid(gate_logits)
     remaining = torch.ones_like(lam[0])
     p = []
     for t in range(lam.shape[0]):
-        if t < lam.shape[0] - 1:
+        if t < lam.shape[0] - 1 or not final:
             p.append(lam[t] * remaining)
             remaining = remaining * (1.0 - lam[t])
         else:
@@ -365,9 +483,16 @@ def exit_choice(exit_probs, threshold):
     return torch.where(reached.any(0), choice, torch.full_like(choice, exit_probs.shape[0] - 1))
 
 
-def causal_mask(n_past, n_new, device):
-    """(n_new, n_past + n_new) bool: a new token sees every past row and the new rows up to
-    itself. None where SDPA needs no mask (one new token sees everything)."""
+def causal_mask(n_past, n_new, device, sweep=False):
+    """(n_new, keys) bool, True where a new token may read: every past row and the new rows up to
+    itself; keys = n_past + n_new. With sweep=True the keys are [past | the chunk's current rows |
+    its rows of the previous pass] (THE SWEEPS): a token reads its own current row and the earlier
+    tokens' previous rows, keys = n_past + 2 n_new. None where SDPA needs no mask."""
+    if sweep:
+        own = torch.eye(n_new, dtype=torch.bool, device=device)
+        before = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril(-1)
+        past = torch.ones(n_new, n_past, dtype=torch.bool, device=device)
+        return torch.cat((past, own, before), dim=1)
     if n_new == 1:
         return None
     return torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device).tril(n_past)
@@ -397,32 +522,35 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 # -----------------------------------------------------------------------------
 # the model
 
-# On a CPU, torch.compile's inductor may write each one-row matrix product (every projection of a
-# one-token step) as its own loop, a dot product per output row, vectorised, split over the
-# threads and fused with the ops around it, instead of calling BLAS's matrix-vector product, which
-# runs on one thread. With nn.Linear's (out, in) layout each dot product reads contiguous memory.
-# On our 2-core AVX2 test machine the products ran 5x faster than BLAS's (bench/matvec_layout.py)
-# and the compiled decode step 3.6x faster than eager instead of 1.9x (bench/decode_speed.py).
-# cpp_wrapper: the step's glue (buffer allocation, the calls to those loops and to attention) is
-# C++ too, instead of a Python function run at every token: 1.13-1.20x there (4.4x eager in all;
-# 5.5-6x on an AVX-512 2-core VM), for up to a minute more of compilation the first time
-# (inductor caches it on disk).
+# torch.compile options for the one-token decode step on a CPU: inductor writes each one-row
+# product as its own vectorised loop over the threads (decompose_mm_pass) instead of calling BLAS's
+# single-threaded matrix-vector product, and the step's glue in C++ (cpp_wrapper). Measured in
+# RESULTS.md (bench/matvec_layout.py, bench/decode_speed.py).
 CPU_DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+# MeltConfig fields that define the weights' shapes: a resume or init_from may not change them.
+ARCH_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")
+MODEL_FIELDS = {f.name for f in fields(MeltConfig)}
 
 
 class MELT(nn.Module):
+    """The looped language model: tok_emb, n_layer Blocks run n_loop times (the final norm and the
+    exit gate after every loop), lm_head. One class for three models:
+        cache="loop"             a LoopLM (Ouro): one KV cache per loop and layer
+        cache="loop", n_loop=1   a standard transformer
+        cache="shared"           MELT: one KV cache per layer, the latent gate, chunk-wise training
+    forward() is what training calls; run() returns every loop (LoopOutput); prefill(),
+    decode_step_fixed() and generate() decode with a KVCache made by new_cache()."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config.validate()
         cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)   # no scaling (Ouro)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)              # applied after every loop
         self.exit_gate = nn.Linear(cfg.n_embd, 1, bias=True)       # lambda_t = sigmoid(exit_gate(h_t))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)   # untied from tok_emb
         self._init_rope()
-        self.checkpoint_mlp = False   # training memory: recompute each layer's MLP in backward
         self.apply(self._init_weights)
         for block in self.blocks:
             if block.gate is not None:
@@ -443,128 +571,28 @@ class MELT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
 
-    # ---- one layer at one loop ------------------------------------------------------------
+    @property
+    def checkpoint_mlp(self):
+        return self.blocks[0].checkpoint_mlp
 
-    def _kv(self, block, inp, cos, sin):
-        """Keys (after RoPE) and values of the rows inp (B, c, C) -> 2 x (B, nkv, c, hs)."""
-        B, c, _ = inp.shape
-        cfg = self.config
-        kv = block.attn.kv_proj(inp).view(B, c, 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, 2nkv, c, hs)
-        k, v = kv.split(cfg.n_kv_head, dim=1)                                                # (B, nkv, c, hs)
-        return apply_rope(k, cos, sin), v
+    @checkpoint_mlp.setter
+    def checkpoint_mlp(self, on):
+        for block in self.blocks:
+            block.checkpoint_mlp = bool(on)
 
-    def _attend(self, l, r, block, x, s, store, ctx):
-        """Attention of layer l at loop r for the chunk's normed inputs x (B, c, C).
+    # ---- the forward -----------------------------------------------------------------------
 
-        Which key/value rows are read is the whole difference between the layouts (kv_layout):
-            loop   rows projected from x at loop r; earlier tokens' loop-r rows (slot r)
-            shared rows projected from the latent s; earlier tokens' final rows (one slot)
-            both   the transition: alpha * shared + (1 - alpha) * loop, both kept
-        """
-        B, c, C = x.shape
-        cfg = self.config
-        cos, sin, alpha = ctx["cos"], ctx["sin"], ctx["alpha"]
-        q = block.attn.q_proj(x).view(B, c, cfg.n_head, cfg.head_dim).transpose(1, 2)   # (B, nh, c, hs)
-        q = apply_rope(q, cos, sin)
-        if ctx["layout"] == "shared":
-            k, v = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
-        elif ctx["layout"] == "loop":
-            k, v = store.rows(r, l, *self._kv(block, x, cos, sin))
-        else:
-            k_loop, v_loop = store.rows(r, l, *self._kv(block, x, cos, sin))
-            k_shr, v_shr = store.rows(ctx["shared_slot"], l, *self._kv(block, s, cos, sin))
-            k = alpha * k_shr + (1.0 - alpha) * k_loop
-            v = alpha * v_shr + (1.0 - alpha) * v_loop
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx["mask"], is_causal=ctx["is_causal"],
-                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, nh, c, hs)
-        y = y.transpose(1, 2).reshape(B, c, cfg.n_head * cfg.head_dim)               # (B, c, nh*hs)
-        return block.attn.o_proj(y)
+    def forward(self, idx, targets=None, n_loops=None, alpha=None):
+        """idx (B, T) -> (logits (B, T, V) of the loop chosen by exit_threshold, loss or None)."""
+        if not torch.compiler.is_compiling():
+            self.check_ids(idx)
+        out = self.run(idx, n_loops=n_loops, alpha=alpha)
+        logits = self.lm_head(out.selected)
+        loss = None if targets is None else self.loss(out, targets)
+        return logits, loss
 
-    def _layer(self, l, r, h, s, store, ctx):
-        """Layer l at loop r on the chunk's hidden states h (B, c, C). Returns the new h, the
-        new latent s (None outside shared mode) and the attention output (after o_proj)."""
-        block = self.blocks[l]
-        x = block.attn_in_norm(h)
-        if ctx["layout"] != "loop":
-            s_new = block.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
-            # tokens that have exited (adaptive depth) keep their latent, so the row they write
-            # again is their final row, the one later tokens must read
-            s = s_new if ctx["exited"] is None else torch.where(ctx["exited"], s, s_new)
-        a = self._attend(l, r, block, x, s, store, ctx)
-        h = h + block.attn_out_norm(a)
-        if self.checkpoint_mlp and torch.is_grad_enabled():
-            # recompute the MLP half in backward instead of storing its activations (the widest
-            # ones); the attention half reads the KV store, so it is not recomputed
-            return h + torch.utils.checkpoint.checkpoint(self._mlp_half, block, h, use_reentrant=False), s, a
-        return h + self._mlp_half(block, h), s, a
-
-    @staticmethod
-    def _mlp_half(block, h):
-        return block.mlp_out_norm(block.mlp(block.mlp_in_norm(h)))
-
-    # ---- the loop, chunk by chunk -----------------------------------------------------------
-
-    def _run_chunk(self, h, store, n_loops, alpha, layout, threshold, collect_attn):
-        """All loops for one chunk h (B, c, C) of embeddings; earlier chunks are in store."""
-        B, c, _ = h.shape
-        pos = store.pos
-        ctx = dict(
-            alpha=alpha, layout=layout,
-            shared_slot=n_loops if layout == "both" else 0,   # the transition keeps both layouts
-            exited=None,   # adaptive depth: (B, c, 1) bool, tokens that stopped looping
-        )
-        if torch.is_tensor(pos):   # the fixed-shape decode step (_FixedRows): one token, pos a tensor
-            ctx.update(cos=self.rope_cos[pos].to(h.dtype), sin=self.rope_sin[pos].to(h.dtype),   # (1, hs)
-                       mask=(torch.arange(store.max_len, device=h.device) <= pos).view(1, -1),   # (1, max_len)
-                       is_causal=False)
-        else:
-            ctx.update(cos=self.rope_cos[pos:pos + c].to(h.dtype), sin=self.rope_sin[pos:pos + c].to(h.dtype),
-                       mask=causal_mask(pos, c, h.device) if pos > 0 else None,
-                       is_causal=c > 1 and pos == 0)   # c first: for one token a plain False, never symbolic under compile
-        # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
-        # hidden state, latent and KV row, and later tokens read that row. In loop mode every
-        # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
-        adaptive = layout == "shared" and threshold < 1.0
-        if adaptive:   # per-token exit bookkeeping, only when it can change anything
-            done = torch.zeros(B, c, dtype=torch.bool, device=h.device)
-            remaining = torch.ones(B, c, dtype=torch.float32, device=h.device)
-            cum_exit = torch.zeros(B, c, dtype=torch.float32, device=h.device)
-            loops_used = torch.zeros(B, c, dtype=torch.long, device=h.device)
-        s = [None] * self.config.n_layer   # the MELT latent of each layer, carried across loops
-        hidden, gate_logits, attn = [], [], []
-        for r in range(n_loops):                                   # THE LOOP
-            attn_r = []
-            for l in range(self.config.n_layer):
-                h_new, s[l], a = self._layer(l, r, h, s[l], store, ctx)
-                h = h_new if ctx["exited"] is None else torch.where(ctx["exited"], h, h_new)
-                attn_r.append(a)
-            h_final = self.norm(h)
-            if ctx["exited"] is not None:
-                h_final = torch.where(ctx["exited"], hidden[-1], h_final)
-            h = h_final                       # Ouro: the final norm's output is the next loop's input
-            g = self.exit_gate(h).squeeze(-1)  # (B, c)
-            hidden.append(h)
-            gate_logits.append(g)
-            if collect_attn:
-                attn.append(attn_r)
-            if adaptive:
-                loops_used = loops_used + (~done).long()
-            if adaptive and r < n_loops - 1:
-                lam = torch.sigmoid(g.float())
-                cum_exit = cum_exit + lam * remaining
-                remaining = remaining * (1.0 - lam)
-                done = done | (cum_exit >= threshold)
-                ctx["exited"] = done.unsqueeze(-1)   # (B, c, 1)
-                # a compiled step cannot branch on data: it runs every loop, exited tokens frozen
-                # by the torch.where calls on ctx["exited"] (same numbers, no compute saved)
-                if not torch.compiler.is_compiling() and bool(done.all()):
-                    break
-        store.end_chunk(c)
-        if not adaptive:
-            loops_used = torch.full((B, c), len(hidden), dtype=torch.long, device=h.device)
-        return hidden, gate_logits, attn, loops_used
-
-    def run(self, idx, n_loops=None, cache=None, alpha=None, exit_threshold=None, collect_attn=False):
+    def run(self, idx, n_loops=None, cache=None, alpha=None, exit_threshold=None, collect_attn=False,
+            chunk_size=None, sweeps=None):
         """The looped forward pass on token ids idx (B, T) -> LoopOutput.
 
         n_loops: loops to run (default config.n_loop). cache: a KVCache from new_cache() holding
@@ -572,6 +600,7 @@ class MELT(nn.Module):
         alpha: shared mode's interpolation between the layouts (default 1: pure MELT).
         exit_threshold: default config.exit_threshold; below 1 in shared mode tokens stop looping.
         collect_attn: keep every layer's attention output at every loop (for distillation).
+        chunk_size, sweeps: default the config's (shared mode); chunk_size=1 is decode semantics.
         """
         cfg = self.config
         B, T = idx.shape
@@ -580,17 +609,22 @@ class MELT(nn.Module):
         if not 0.0 <= alpha <= 1.0:
             raise MeltError(f"alpha={alpha} must be in [0, 1]")
         layout = self.kv_layout(alpha)
-        store = _History() if cache is None else cache
+        chunk = cfg.chunk_size if chunk_size is None else chunk_size
+        sweeps = cfg.sweeps if sweeps is None else sweeps
+        if chunk < 1 or sweeps < 0:
+            raise MeltError(f"chunk_size={chunk} must be >= 1 and sweeps={sweeps} >= 0")
+        store = TrainHistory() if cache is None else cache
         if cache is not None:
             self._check_cache(cache, B, T, R, layout)
         if store.pos + T > cfg.block_size:
             raise MeltError(f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
-        # Loop mode needs no chunks: at loop r a token reads earlier tokens' loop-r rows, which a
-        # causal mask over the whole sequence already gives. Shared mode reads earlier tokens'
-        # *final* rows, which exist only once their chunk has run all its loops.
-        chunk = cfg.chunk_size if layout != "loop" else T
+        # THE CHUNKS. Loop mode needs none: at loop r a token reads earlier tokens' loop-r rows,
+        # which a causal mask over the whole sequence already gives. Shared mode reads earlier
+        # tokens' *final* rows, which exist only once their chunk has run all its loops.
+        if layout == "loop":
+            chunk, sweeps = T, 0
         emb = self.tok_emb(idx)   # (B, T, C)
-        parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, layout, q, collect_attn)
+        parts = [self._run_chunk(emb[:, i:i + chunk], store, R, alpha, layout, q, collect_attn, sweeps)
                  for i in range(0, T, chunk)]          # chunks in sequence, tokens within in parallel
         if len({len(p[0]) for p in parts}) > 1:   # adaptive exit ended chunks at different loops:
             parts = [([*hd, *[hd[-1]] * (R - len(hd))], [*g, *[g[-1]] * (R - len(g))], a, u)
@@ -604,6 +638,71 @@ class MELT(nn.Module):
                     for t in range(len(parts[0][2]))]
         return self._output(hidden, gate_logits, loops_used, attn, q)
 
+    def _chunk(self, store, c, alpha, layout, R, device, dtype, sweep=False):
+        """The Chunk of c tokens after store.pos (variable shapes: training, prefill)."""
+        pos = store.pos
+        return Chunk(store=store, layout=layout, alpha=alpha, shared_slot=R if layout == "both" else 0,
+                     cos=self.rope_cos[pos:pos + c].to(dtype), sin=self.rope_sin[pos:pos + c].to(dtype),
+                     mask=causal_mask(pos, c, device, sweep) if pos > 0 or sweep else None,
+                     is_causal=c > 1 and pos == 0 and not sweep)   # c first: a plain bool under compile
+
+    def _run_chunk(self, h, store, n_loops, alpha, layout, threshold, collect_attn, sweeps=0, ck=None):
+        """All loops for one chunk h (B, c, C) of embeddings; earlier chunks are in store.
+
+        THE SWEEPS. Inside a chunk, tokens read each other's current-loop rows, which never exist
+        when decoding (there, every earlier token is final). sweeps=k re-runs the chunk k more
+        times; in each, a token reads its earlier in-chunk neighbours' final rows from the pass
+        before (and its own current row), so after pass j the chunk's first j+1 tokens are exact
+        and sweeps >= c-1 is decode semantics exactly: a Jacobi iteration, every token in
+        parallel. Gradients flow through every pass."""
+        B, c, _ = h.shape
+        if ck is None:
+            ck = self._chunk(store, c, alpha, layout, n_loops, h.device, h.dtype)
+        sweeps = sweeps if c > 1 and layout != "loop" else 0
+        for j in range(sweeps + 1):
+            if j == 1:
+                ck = self._chunk(store, c, alpha, layout, n_loops, h.device, h.dtype, sweep=True)
+            if j > 0:
+                ck.prev = {(ck.shared_slot, l): store.chunk_rows(ck.shared_slot, l) for l in range(len(self.blocks))}
+            res = self._loops(h, ck, n_loops, layout, threshold, collect_attn)
+        store.end_chunk(c)
+        return res
+
+    def _loops(self, h, ck, n_loops, layout, threshold, collect_attn):
+        """THE LOOP: every loop of every layer for one pass over a chunk h (B, c, C)."""
+        B, c, _ = h.shape
+        # Adaptive depth saves compute only in shared mode: a token that has exited keeps its
+        # hidden state, latent and KV row, and later tokens read that row. In loop mode every
+        # earlier token must have a row at every loop, so all loops run and the exit is chosen after.
+        adaptive = layout == "shared" and threshold < 1.0
+        ck.exited = None
+        loops_used = torch.zeros(B, c, dtype=torch.long, device=h.device)
+        s = [None] * self.config.n_layer   # the MELT latent of each layer, carried across loops
+        hidden, gate_logits, attn = [], [], []
+        for r in range(n_loops):
+            attn_r = []
+            for l, block in enumerate(self.blocks):
+                h_new, s[l], a = block(h, s[l], r, ck)
+                h = h_new if ck.exited is None else torch.where(ck.exited, h, h_new)
+                attn_r.append(a)
+            h_final = self.norm(h)
+            if ck.exited is not None:
+                h_final = torch.where(ck.exited, hidden[-1], h_final)
+            h = h_final                       # Ouro: the final norm's output is the next loop's input
+            hidden.append(h)
+            gate_logits.append(self.exit_gate(h).squeeze(-1))   # (B, c)
+            if collect_attn:
+                attn.append(attn_r)
+            loops_used = loops_used + (1 if ck.exited is None else (~ck.exited[..., 0]).long())
+            if adaptive and r < n_loops - 1:
+                cum = exit_distribution(torch.stack(gate_logits).float(), final=False).cumsum(0)[-1]
+                ck.exited = (cum >= threshold).unsqueeze(-1)   # (B, c, 1)
+                # a compiled step cannot branch on data: it runs every loop, exited tokens frozen
+                # by the torch.where calls on ck.exited (same numbers, no compute saved)
+                if not torch.compiler.is_compiling() and bool(ck.exited.all()):
+                    break
+        return hidden, gate_logits, attn, loops_used
+
     @staticmethod
     def _output(hidden, gate_logits, loops_used, attn, threshold):
         """LoopOutput of stacked per-loop hidden (R, B, T, C) and gate logits (R, B, T): Ouro's exit
@@ -614,8 +713,8 @@ class MELT(nn.Module):
         return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
 
     def kv_layout(self, alpha):
-        """Which key/value rows a forward at this alpha computes (see _attend): "loop" (a LoopLM,
-        or shared mode at alpha=0), "shared" (MELT, alpha=1) or "both" (the transition in between)."""
+        """Which key/value rows a forward at this alpha computes (Attention.forward): "loop" (a
+        LoopLM, or shared mode at alpha=0), "shared" (MELT, alpha=1) or "both" (the transition)."""
         if self.config.cache == "loop":
             return "loop"
         return "loop" if alpha == 0.0 else "shared" if alpha == 1.0 else "both"
@@ -678,16 +777,7 @@ class MELT(nn.Module):
         per_token = (p.view(R, -1) * ce).sum(0) - self.config.entropy_weight * entropy
         return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
 
-    def forward(self, idx, targets=None, n_loops=None, alpha=None):
-        """idx (B, T) -> (logits (B, T, V) of the loop chosen by exit_threshold, loss or None)."""
-        if not torch.compiler.is_compiling():
-            self.check_ids(idx)
-        out = self.run(idx, n_loops=n_loops, alpha=alpha)
-        logits = self.lm_head(out.selected)
-        loss = None if targets is None else self.loss(out, targets)
-        return logits, loss
-
-    # ---- caches and generation --------------------------------------------------------------
+    # ---- DECODING: a cache, prefill, the one-token step, generate ------------------------------
 
     def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None):
         """A preallocated KVCache for this model's layout. Loop layout: one slot per loop
@@ -701,31 +791,35 @@ class MELT(nn.Module):
         return KVCache(cfg.cache, n_slots, cfg.n_layer, batch_size, cfg.n_kv_head, max_seq_len,
                        cfg.head_dim, dtype or p.dtype, device or p.device)
 
-    def step(self, idx, cache, n_loops=None, exit_threshold=None):
-        """Run idx (B, c) after what the cache holds -> (logits of the last position (B, V),
-        loops used (B, c)). Prefill (c = prompt length) and decode (c = 1) are this one call."""
+    def prefill(self, idx, cache, n_loops=None, exit_threshold=None):
+        """Run idx (B, c) after what the cache holds, writing its rows -> (logits of the last
+        position (B, V), loops used (B, c)). The prompt, in chunks; also the eager one-token step."""
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    def step_fixed(self, idx, cache_k, cache_v, position, n_loops=None, exit_threshold=None):
-        """The one-token decode step with every shape fixed, made to be compiled (gpt-fast): idx
-        (B, 1) at `position` (KVCache.position, a (1,) tensor) writes its rows in place and
-        attends over the whole preallocated cache (KVCache.k / .v), rows after it masked. Same
-        numbers as step(idx, cache); nothing depends on the position as a Python number, so
-        torch.compile traces it once and a GPU can replay it as a CUDA graph. It does not
-        advance the cache: use decode_step_fixed(), which does."""
-        R, q = self._depth(n_loops, exit_threshold)
-        store = _FixedRows(cache_k, cache_v, position)
-        hidden, gate_logits, _, used = self._run_chunk(self.tok_emb(idx), store, R, 1.0, self.config.cache, q, False)
-        out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, q)
+    def _decode_one_token(self, idx, cache_k, cache_v, position, n_loops, exit_threshold):
+        """The one-token step with every shape fixed, made to be compiled (gpt-fast): idx (B, 1) at
+        `position` (KVCache.position, a (1,) tensor) writes its rows in place and attends over the
+        whole preallocated cache (KVCache.k / .v), rows after it masked. Same numbers as prefill()
+        of one token; nothing depends on the position as a Python number, so torch.compile traces
+        it once and a GPU replays it as a CUDA graph. It does not advance the cache."""
+        h = self.tok_emb(idx)
+        store = FixedRows(cache_k, cache_v, position)
+        ck = Chunk(store=store, layout=self.config.cache, alpha=1.0, shared_slot=0,
+                   cos=self.rope_cos[position].to(h.dtype), sin=self.rope_sin[position].to(h.dtype),   # (1, hs)
+                   mask=(torch.arange(store.max_len, device=h.device) <= position).view(1, -1),   # (1, max_len)
+                   is_causal=False)
+        hidden, gate_logits, _, used = self._run_chunk(h, store, n_loops, 1.0, self.config.cache,
+                                                       exit_threshold, False, ck=ck)
+        out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
     def decode_step_fixed(self, compile=False):
-        """A decode step for generate_stream(decode_step=...) built on step_fixed: checks the
-        cache, runs the step (compiled once if compile=True; on a GPU as a CUDA graph, with the
-        cache tensors marked as static inputs so the graph may write them in place), advances
-        the cache. The eager prefill stays as it is: only the one-token step is compiled."""
-        fn = self.step_fixed
+        """The one-token decode step for generate_stream(decode_step=...): checks the cache, runs
+        _decode_one_token (compiled once if compile=True; on a GPU as a CUDA graph, the cache
+        tensors marked as static inputs so the graph may write them in place), advances the cache.
+        Only this step is compiled; the prefill stays eager (gpt-fast)."""
+        fn = self._decode_one_token
         cuda_graphs = compile and self.lm_head.weight.is_cuda
         if cuda_graphs:
             fn = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
@@ -734,7 +828,7 @@ class MELT(nn.Module):
 
         def decode_step(idx, cache, n_loops=None, exit_threshold=None):
             R, q = self._depth(n_loops, exit_threshold)   # checked here, outside the compiled graph
-            self._check_cache(cache, idx.shape[0], 1, R, self.config.cache)   # alpha=1: the model's own layout
+            self._check_cache(cache, idx.shape[0], 1, R, self.config.cache)
             if idx.shape[1] != 1:
                 raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
             if cuda_graphs:
@@ -753,7 +847,7 @@ class MELT(nn.Module):
                         generator=None, n_loops=None, exit_threshold=None, decode_step=None):
         """Yield (next ids (B, 1), loops used per token (B,)) one step at a time: prefill the
         prompt into the cache, then decode one token at a time reusing it. decode_step replaces
-        self.step for the one-token steps, e.g. decode_step_fixed(compile=True)."""
+        the eager prefill() for the one-token steps, e.g. decode_step_fixed(compile=True)."""
         B, T = idx.shape
         if T == 0:
             raise MeltError("empty prompt: give at least one token")
@@ -764,13 +858,13 @@ class MELT(nn.Module):
         if cache.pos + T + max_new_tokens > cache.max_len:
             raise MeltError(f"prompt of {T} tokens + {max_new_tokens} new ones exceed the cache length "
                             f"{cache.max_len} (block_size {self.config.block_size})")
-        decode_step = decode_step or self.step
-        logits, used = self.step(idx, cache, n_loops, exit_threshold)            # prefill
+        decode_step = decode_step or self.prefill
+        logits, used = self.prefill(idx, cache, n_loops, exit_threshold)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, generator)
             yield nxt, used[:, -1]
             if i < max_new_tokens - 1:
-                logits, used = decode_step(nxt, cache, n_loops, exit_threshold)  # decode
+                logits, used = decode_step(nxt, cache, n_loops, exit_threshold)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
@@ -780,7 +874,7 @@ class MELT(nn.Module):
                                                    generator, n_loops, exit_threshold)]
         return torch.cat([idx, *new], dim=1)
 
-    # ---- weights ------------------------------------------------------------------------------
+    # ---- weights: this project's checkpoints and Ouro directories ------------------------------
 
     def load_weights(self, state_dict, strict_gates=False):
         """Load a state dict; shapes and names must match, except that gate parameters a
@@ -801,21 +895,36 @@ class MELT(nn.Module):
         return self
 
     @classmethod
+    def from_checkpoint(cls, ckpt, **overrides):
+        """The model a checkpoint of this project holds (a path or load_checkpoint's dict);
+        overrides may change the non-shape fields (cache, gate, chunk_size, ...) but not the
+        architecture. A loop-mode checkpoint loaded with cache="shared" gets new gate parameters
+        at their documented init; so does a different gate."""
+        ckpt = load_checkpoint(ckpt) if isinstance(ckpt, str) else ckpt
+        saved = dict(ckpt["model_config"])
+        for k in ARCH_KEYS:
+            if k in overrides and overrides[k] != saved.get(k):
+                raise MeltError(f"checkpoint has {k}={saved.get(k)}, the config asks for {k}={overrides[k]}: "
+                                f"architecture differs (drop the override or start from scratch)")
+        saved = {k: v for k, v in saved.items() if k in MODEL_FIELDS}   # checkpoints before a field existed
+        model = cls(MeltConfig(**{**saved, **overrides}))
+        sd = ckpt["model"]
+        if model.config.cache == "loop" or saved.get("gate") != model.config.gate:
+            sd = {k: v for k, v in sd.items() if ".gate." not in k}
+        return model.load_weights(sd)
+
+    @classmethod
     def from_ouro(cls, path, dtype=None, torch_dtype=None, device="cpu", **overrides):
         """Read a local Hugging Face Ouro directory (config.json, model.safetensors or a sharded
         model.safetensors.index.json) into a MELT model. overrides are MeltConfig fields, e.g.
         cache="shared", gate="last". Weights keep the file's dtype unless dtype (or torch_dtype)
         is given. In shared mode the new gate parameters start as LatentGate.reset_parameters says.
-        Nothing is downloaded."""
+        A sharded checkpoint is read exactly as its index says. Nothing is downloaded."""
         from safetensors import safe_open
 
         if not os.path.isdir(path):
             raise MeltError(f"no Ouro checkpoint directory at {path!r}")
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise MeltError(f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
-        with open(cfg_path) as f:
-            hf = json.load(f)
+        hf = _read_json(os.path.join(path, "config.json"), f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
         config = ouro_config(hf, **overrides)
         dtype = dtype or torch_dtype
         if isinstance(dtype, str):
@@ -823,34 +932,50 @@ class MELT(nn.Module):
 
         single = os.path.join(path, "model.safetensors")
         index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            with safe_open(single, "pt") as f:
-                where = {k: single for k in f.keys()}
-        elif os.path.isfile(index_path):
-            with open(index_path) as f:
-                where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-        else:
-            raise MeltError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
-        expected = ouro_shapes(config)
-        if "lm_head.weight" not in where and hf.get("tie_word_embeddings"):
-            expected.pop("lm_head.weight")
-        unknown = sorted(set(where) - set(expected))
-        if unknown:
-            raise MeltError(f"cannot map Ouro tensors {unknown[:5]} (of {len(unknown)}) to this model")
-        absent = sorted(set(expected) - set(where))
-        if absent:
-            raise MeltError(f"Ouro checkpoint lacks tensors {absent[:5]} (of {len(absent)})")
-        hf_state = {}
-        for fp in sorted(set(where.values())):
-            if not os.path.isfile(fp):
-                raise MeltError(f"weight shard {fp!r} named in the index is missing")
-            with safe_open(fp, "pt", device="cpu") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != expected[name]:
-                        raise MeltError(f"Ouro tensor {name} has shape {tuple(t.shape)}, "
-                                        f"config.json implies {expected[name]}")
-                    hf_state[name] = t if dtype is None else t.to(dtype)
+        try:
+            if os.path.isfile(single):
+                with safe_open(single, "pt") as f:
+                    where = {k: single for k in f.keys()}
+            elif os.path.isfile(index_path):
+                weight_map = _read_json(index_path, "").get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise MeltError(f"{index_path!r} has no weight_map")
+                where = {}
+                for k, v in weight_map.items():
+                    if not isinstance(v, str) or os.path.basename(v) != v:
+                        raise MeltError(f"{index_path!r} names shard {v!r} for {k}: shards must be files of {path!r}")
+                    where[k] = os.path.join(path, v)
+            else:
+                raise MeltError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
+            expected = ouro_shapes(config)
+            if "lm_head.weight" not in where and hf.get("tie_word_embeddings"):
+                expected.pop("lm_head.weight")
+            unknown = sorted(set(where) - set(expected))
+            if unknown:
+                raise MeltError(f"cannot map Ouro tensors {unknown[:5]} (of {len(unknown)}) to this model")
+            absent = sorted(set(expected) - set(where))
+            if absent:
+                raise MeltError(f"Ouro checkpoint lacks tensors {absent[:5]} (of {len(absent)})")
+            hf_state = {}
+            for fp in sorted(set(where.values())):
+                if not os.path.isfile(fp):
+                    raise MeltError(f"weight shard {fp!r} named in the index is missing")
+                with safe_open(fp, "pt", device="cpu") as f:
+                    have = set(f.keys())
+                    for name in sorted(n for n, p in where.items() if p == fp):   # what the index says, no more
+                        if name not in have:
+                            raise MeltError(f"the index puts {name} in {fp!r}, which does not hold it")
+                        t = f.get_tensor(name)
+                        if tuple(t.shape) != expected[name]:
+                            raise MeltError(f"Ouro tensor {name} has shape {tuple(t.shape)}, "
+                                            f"config.json implies {expected[name]}")
+                        if not torch.isfinite(t.float()).all():
+                            raise MeltError(f"Ouro tensor {name} in {fp!r} holds NaN or infinite values")
+                        hf_state[name] = t if dtype is None else t.to(dtype)
+        except MeltError:
+            raise
+        except Exception as e:   # safetensors' own errors: a truncated or foreign file
+            raise MeltError(f"cannot read the weights of {path!r} ({type(e).__name__}: {str(e)[:120]})") from None
         state = ouro_to_melt(hf_state, config)
         with torch.device("meta"):
             model = cls(config)
@@ -863,6 +988,45 @@ class MELT(nn.Module):
                 block.gate.reset_parameters(config.gate_bias_init)
         model._init_rope()
         return model.to(device)
+
+
+def _read_json(path, missing_msg):
+    if not os.path.isfile(path):
+        raise MeltError(missing_msg or f"{path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MeltError(f"{path!r} is not valid JSON ({e})") from None
+
+
+def load_checkpoint(path):
+    """A checkpoint of this project as a dict (weights_only: no code runs on load)."""
+    if not os.path.isfile(path):
+        raise MeltError(f"no checkpoint at {path!r}: it does not exist (give a checkpoint .pt of this "
+                        f"project or an Ouro directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign pickle, a truncated file
+        raise MeltError(f"{path!r} is not a readable melt checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise MeltError(f"{path!r} is not a melt checkpoint (no model / model_config inside)")
+    return ckpt
+
+
+def load_model(path, dtype=None, **overrides):
+    """THE loader: a checkpoint .pt of this project or an Ouro directory -> (model, tokenizer
+    description). overrides are MeltConfig fields (an Ouro directory loads in loop mode unless
+    told otherwise). The description is the checkpoint's data_meta (data/prepare.py's
+    load_tokenizer reads it), for an Ouro directory its tokenizer.json."""
+    if os.path.isdir(path):
+        model = MELT.from_ouro(path, dtype=dtype, **{"cache": "loop", **overrides})
+        tj = os.path.join(path, "tokenizer.json")
+        meta = dict(tokenizer="hf", tokenizer_json=tj, vocab_size=model.config.vocab_size) if os.path.isfile(tj) else None
+        return model, meta
+    ckpt = load_checkpoint(path)
+    model = MELT.from_checkpoint(ckpt, **overrides)
+    return (model if dtype is None else model.to(dtype)), ckpt.get("data_meta")
 
 
 def ouro_shapes(cfg):
@@ -946,3 +1110,4 @@ def load_ouro_tokenizer(path):
 
 def config_dict(config):
     return asdict(config)
+

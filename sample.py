@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-import train as T
-from melt import MELT, check_sampling, load_ouro_tokenizer
+from config import ConfigError, parse_config, run_cli
+from data.prepare import load_tokenizer
+from melt import check_sampling, load_model, load_ouro_tokenizer
 
 
 @dataclass
@@ -43,27 +44,20 @@ class SampleConfig:
 
 
 def load_model_and_tokenizer(path, overrides):
-    """(model, encode, decode, stop token ids) for a checkpoint .pt or an Ouro directory."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise T.ConfigError(f"{path!r} is a directory without config.json: not an Ouro checkpoint")
-        model = MELT.from_ouro(path, **{"cache": "loop", **overrides})
-        tok = load_ouro_tokenizer(path)
-        stop = [i for i in (tok.token_to_id("<|endoftext|>"),) if i is not None]
-        return (model, lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                stop, tok)
-    ckpt = T.load_checkpoint(path)
-    model = T.model_from_checkpoint(ckpt, **overrides)
-    meta = ckpt.get("data_meta")
+    """(model, encode, decode, stop token ids, Ouro tokenizer or None) for a checkpoint .pt or an
+    Ouro directory (melt.load_model)."""
+    model, meta = load_model(path, **overrides)
     if meta is None:
-        raise T.ConfigError(f"{path!r} holds no tokenizer description (data_meta); retrain with this train.py")
-    tok = T.load_tokenizer(meta)
-    stop = [50256] if meta["tokenizer"] == "gpt2" else []
-    return model, tok.encode, tok.decode, stop, None
+        raise ConfigError(f"{path!r} holds no tokenizer description (data_meta or tokenizer.json)")
+    tok = load_tokenizer(meta)
+    hf_tok = load_ouro_tokenizer(path) if os.path.isdir(path) else None
+    stop = ([i for i in (hf_tok.token_to_id("<|endoftext|>"),) if i is not None] if hf_tok else
+            [50256] if meta["tokenizer"] == "gpt2" else [])
+    return model, tok.encode, tok.decode, stop, hf_tok
 
 
 def main(argv):
-    cfg, overrides = T.parse_args(argv, train_cls=SampleConfig)
+    cfg, overrides = parse_config(argv, SampleConfig)
     check_sampling(cfg.temperature, cfg.top_k)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -81,14 +75,14 @@ def main(argv):
             prompt = f.read()
     if cfg.chat:
         if hf_tok is None or hf_tok.token_to_id("<|im_end|>") is None:
-            raise T.ConfigError("chat=True needs an Ouro directory whose tokenizer has <|im_start|>/<|im_end|>")
+            raise ConfigError("chat=True needs an Ouro directory whose tokenizer has <|im_start|>/<|im_end|>")
         prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         stop = [hf_tok.token_to_id("<|im_end|>")]
     ids = encode(prompt)
     if not ids:
-        raise T.ConfigError("empty prompt: give --start=TEXT or --start=FILE:path")
+        raise ConfigError("empty prompt: give --start=TEXT or --start=FILE:path")
     if len(ids) + cfg.max_new_tokens > mc.block_size:
-        raise T.ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed the "
+        raise ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed the "
                             f"model's context of {mc.block_size} tokens")
     n_loops = cfg.n_loops or None
     if mc.cache == "loop" and mc.exit_threshold < 1.0:
@@ -147,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    T.run_cli(main, "sample.py")
+    run_cli(main, "sample.py")

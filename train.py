@@ -3,43 +3,39 @@ Train a standard transformer, a LoopLM or MELT, or make MELT from a trained Loop
 the MELT paper: the interpolated transition).
 
     python train.py                                   # small MELT on Shakespeare, CPU-friendly
-    python train.py config/looplm_shakespeare.py      # a config file, then --key=value overrides
+    python train.py config/cpu_looplm.py              # a config file, then --key=value overrides
     python train.py --cache=loop --n_loop=4 --max_iters=500
-    torchrun --standalone --nproc_per_node=4 train.py config/...   # several GPUs, DDP
+    torchrun --standalone --nproc_per_node=4 train.py config/gpu_looplm.py   # several GPUs, DDP
 
 Config files are Python files of plain `name = value` lines; they are parsed, not executed.
 Every key is a field of TrainConfig below or of melt.MeltConfig; unknown keys are refused.
 distill.py (phase 2) imports its config, data, checkpoint and loop code from here.
 """
 
-import ast
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from melt import MELT, MeltConfig, MeltError
+from config import ConfigError, parse_config, run_cli  # noqa: F401 (distill.py uses them)
+from melt import MELT, MeltConfig, load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 from data.prepare import ensure_dataset, load_tokenizer  # noqa: E402
 
-
-class ConfigError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 @dataclass
 class TrainConfig:
     out_dir: str = "out"                 # where ckpt.pt and log.jsonl go
     init_from: str = "scratch"           # "scratch", "resume" (from out_dir), a checkpoint .pt, or an Ouro directory
+    overwrite: bool = False              # a scratch run may replace an existing out_dir/ckpt.pt
     dataset: str = "shakespeare_char"    # a folder under data/ (built-ins are prepared when missing)
     batch_size: int = 16                 # sequences per micro-batch (per process)
     grad_accum: int = 1                  # micro-batches per optimizer step (per process)
@@ -49,8 +45,8 @@ class TrainConfig:
     warmup_iters: int = 100              # linear warmup steps
     lr_decay_iters: int = 0              # cosine length; 0 means max_iters
     weight_decay: float = 0.1            # AdamW decay, matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = 0.9                   # AdamW first-moment decay
+    beta2: float = 0.99                  # AdamW second-moment decay
     grad_clip: float = 1.0               # clip the global gradient norm; 0 disables
     gate_lr: float = 0.0                 # learning rate of the MELT gates; 0 means lr (the paper: ~60x lr in phase 1)
     alpha_steps: int = 0                 # transition: steps over which alpha ramps 0 -> 1; 0 means alpha = 1 throughout
@@ -58,10 +54,6 @@ class TrainConfig:
     kd_temperature: float = 1.0          # temperature of that KD term
     eval_interval: int = 250             # steps between evals (and checkpoints)
     eval_iters: int = 20                 # batches per eval split
-    task_eval_n: int = 200               # reasoning dataset: problems per exact-match accuracy eval
-    answer_only: bool = False            # reasoning dataset: score only the answer digits (the token 2 after '?')
-    line_batches: bool = False           # reasoning dataset: each row one whole problem line (lines of one length), not a random window
-    hide_answers: bool = False           # with answer_only: answer digits are targets only; inputs read '.' there (no elimination)
     log_interval: int = 10               # steps between progress-bar updates
     sample_tokens: int = 300             # tokens sampled at the end, at most the context (0: none)
     seed: int = 1337                     # fixes the init and the data order
@@ -73,172 +65,121 @@ class TrainConfig:
 
 
 # The model trained by `python train.py` when nothing else is said: small enough for a 2-core CPU.
-# loss: at this scale Ouro's expected_logits lets the exit gate collapse onto loop 1 (p_1 ~ 0.98
-# after 300 steps) and the later loops never train; the entropy bonus at weight 1.0 keeps p near
-# uniform so every loop is trained (README, "Choices").
+# loss: with Ouro's expected_logits the exit gate collapses onto loop 1 at this scale and the
+# later loops never train; the entropy bonus at weight 1.0 keeps every loop trained (RESULTS.md).
 DEFAULT_MODEL = dict(n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128,
                      chunk_size=32, cache="shared", gate="learned", loss="expected_loss", entropy_weight=1.0)
-# Fields that define the weights' shapes: a resume or init_from may not change them.
-ARCH_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden")
+EVAL_STEP = 10_000_000   # evals draw the batches of steps EVAL_STEP, EVAL_STEP+1, ...: fixed data, never trained on
 
 
 # ---- configuration ---------------------------------------------------------------------------
 
-def _field_types(cls):
-    return {f.name: f.type for f in fields(cls)}   # real types: this file has no postponed annotations
-
-
-def coerce(key, value, typ):
-    """Turn the string value of --key=value (or a config-file literal) into the field's type."""
-    if isinstance(value, str) and typ is not str:
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            if typ is bool and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            else:
-                raise ConfigError(f"--{key}={value!r} is not a valid {typ.__name__}") from None
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if typ is bool and value in (0, 1) and not isinstance(value, bool):
-        value = bool(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={value!r} should be a {typ.__name__}")
-    return value
-
-
-def read_config_file(path):
-    """`name = literal` lines of a config file, parsed with ast (nothing is executed)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
-    out = {}
-    for node in ast.parse(open(path).read(), path).body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue   # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ConfigError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
-        try:
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise ConfigError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a literal") from None
-    return out
-
-
 def parse_args(argv, train_cls=TrainConfig):
-    """argv -> (train config, model keys the user set). Config files first, then --key=value."""
-    ttypes, mtypes = _field_types(train_cls), _field_types(MeltConfig)
-    given = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            if "=" not in arg:
-                raise ConfigError(f"{arg}: write --key=value")
-            key, value = arg[2:].split("=", 1)
-            given[key] = value
-        else:
-            given.update(read_config_file(arg))
-    unknown = sorted(set(given) - set(ttypes) - set(mtypes))
-    if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(set(ttypes) | set(mtypes))}")
-    train = {k: coerce(k, v, ttypes[k]) for k, v in given.items() if k in ttypes}
-    model = {k: coerce(k, v, mtypes[k]) for k, v in given.items() if k in mtypes and k not in ttypes}
-    return train_cls(**train), model
+    """argv -> (train config, model keys the user set): config files first, then --key=value."""
+    cfg, model_keys = parse_config(argv, train_cls)
+    return check_train_config(cfg), model_keys
+
+
+def check_train_config(cfg):
+    """Refuse the values that cannot train, with the key and the fix."""
+    for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "alpha_steps", "sample_tokens", "threads"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr", "kd_weight"):
+        if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be a finite number >= 0")
+    return cfg
 
 
 # ---- data --------------------------------------------------------------------------------------
 
-class Batches:
-    """Random windows of a token file. The windows of step `step` are a function of (seed,
-    step) alone: every process draws the same global batch and takes its own rows, so one
-    process with grad_accum=2 and two processes with grad_accum=1 see the same data, and a
-    resumed run continues the same sequence. The data position is the step number.
-    line_token: rows are whole lines instead ('\\n' + one problem, every line one length: the
-    question always at the same position, no earlier problems in the context).
-    blank (with answer_after): a token id that replaces every answer digit in the inputs, so the
-    answers are targets only and a later question cannot use the earlier answers."""
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): prepare the dataset again") from None
 
-    def __init__(self, data_dir, block_size, batch_size, grad_accum, rank=0, world=1, seed=0, answer_after=None,
-                 line_token=None, blank=None):
+
+class Batches:
+    """Batches of a prepared dataset, of one of two kinds (data/prepare.py):
+        text     random windows of a token file; the target is the next token
+        targets  whole rows of `seq_len` inputs with a target per position stored beside them
+                 ({split}_targets.bin, -1 where nothing is scored), e.g. the p-hop task
+    The rows of step `step` are a function of (seed, step) alone: every process draws the same
+    global batch and takes its own rows, so one process with grad_accum=2 and two with
+    grad_accum=1 see the same data, and a resumed run continues the same sequence."""
+
+    def __init__(self, data_dir, meta, block_size, batch_size, grad_accum, rank=0, world=1, seed=0):
         self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
                      for s in ("train", "val")}
-        self.block_size, self.batch_size, self.grad_accum = block_size, batch_size, grad_accum
-        self.rank, self.world, self.seed = rank, world, seed
-        self.answer_after = answer_after   # a token id: keep only targets 2 tokens after it ('?x=' -> digit)
-        self.blank = blank
-        if blank is not None and answer_after is None:
-            raise ConfigError("hiding the answers needs answer_only=True (the answers are found by their '?')")
-        for split, d in self.data.items():
-            if len(d) <= block_size + 1:
-                raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
-        self.width, self.line_starts = block_size, None   # tokens per row; where rows may start (None: anywhere)
-        if line_token is not None:
-            self.line_starts = {s: np.flatnonzero(np.asarray(d) == line_token)[:-1] for s, d in self.data.items()}
-            widths = {int(w) for s in self.data for w in np.diff(self.line_starts[s])}
-            if len(widths) != 1 or max(widths) > block_size:
-                raise ConfigError(f"line_batches=True needs lines of one length, at most block_size={block_size} "
-                                  f"tokens; {data_dir} has line lengths {sorted(widths)[:5]}")
-            self.width = widths.pop()
+        self.batch_size, self.grad_accum, self.rank, self.world, self.seed = batch_size, grad_accum, rank, world, seed
+        self.targets = None
+        if meta.get("targets"):
+            self.width = meta["seq_len"]   # tokens per row
+            if self.width > block_size:
+                raise ConfigError(f"the rows of {data_dir} are {self.width} tokens, more than block_size={block_size}")
+            self.targets = {s: np.memmap(os.path.join(data_dir, f"{s}_targets.bin"), dtype=np.int16, mode="r")
+                            for s in ("train", "val")}
+            self.n_rows = {s: len(d) // self.width for s, d in self.data.items()}
+        else:
+            self.width = block_size
+            for split, d in self.data.items():
+                if len(d) <= block_size + 1:
+                    raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
 
     def get(self, split, step, micro, device):
         """Micro-batch `micro` of this process at step `step` -> x, y (B, T) on device."""
-        data = self.data[split]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 2 + (split == "val"))
         n = self.batch_size * self.grad_accum * self.world
-        if self.line_starts is None:
-            starts = torch.randint(len(data) - self.block_size - 1, (n,), generator=g)
-        else:
-            starts = torch.from_numpy(self.line_starts[split])[torch.randint(len(self.line_starts[split]), (n,), generator=g)]
         first = (self.rank * self.grad_accum + micro) * self.batch_size
-        rows = [torch.from_numpy(data[i:i + self.width + 1].astype(np.int64))
-                for i in starts[first:first + self.batch_size].tolist()]
-        xy = torch.stack(rows)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if self.answer_after is not None:   # y[t] is the answer when x[t-2] is the marker
-            is_answer = torch.zeros_like(y, dtype=torch.bool)
-            is_answer[:, 2:] = x[:, :-2] == self.answer_after
-            y = y.masked_fill(~is_answer, -1)   # -1: ignored by every loss
-            if self.blank is not None:      # x[t] is an answer when x[t-3] is the marker
-                in_x = torch.zeros_like(x, dtype=torch.bool)
-                in_x[:, 3:] = x[:, :-3] == self.answer_after
-                x = x.masked_fill(in_x, self.blank)   # a new tensor: y keeps the digits
+        if self.targets is None:
+            data = self.data[split]
+            starts = torch.randint(len(data) - self.width - 1, (n,), generator=g)[first:first + self.batch_size]
+            xy = torch.stack([torch.from_numpy(data[i:i + self.width + 1].astype(np.int64)) for i in starts.tolist()])
+            x, y = xy[:, :-1], xy[:, 1:]
+        else:
+            rows = torch.randint(self.n_rows[split], (n,), generator=g)[first:first + self.batch_size].tolist()
+            w = self.width
+            x = torch.stack([torch.from_numpy(self.data[split][r * w:(r + 1) * w].astype(np.int64)) for r in rows])
+            y = torch.stack([torch.from_numpy(self.targets[split][r * w:(r + 1) * w].astype(np.int64)) for r in rows])
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
-
-def answer_marker(meta, answer_only, dataset):
-    """The token id that Batches(answer_after=...) keys on: '?', two tokens before each answer
-    digit of the reasoning task; None unless answer_only."""
-    if not answer_only:
-        return None
-    if not meta.get("task"):
-        raise ConfigError(f"answer_only=True needs a reasoning dataset; {dataset!r} has no answers to score")
-    return load_tokenizer(meta).encode("?")[0]
-
-
-def answer_blank(meta, hide_answers):
-    """The token id that Batches(blank=...) writes over the answers in the inputs: '.'; None
-    unless hide_answers."""
-    return load_tokenizer(meta).encode(".")[0] if hide_answers else None
-
-
-def line_token(meta, cfg):
-    """The token id that starts each line, for Batches(line_token=...) when line_batches; else None."""
-    if not cfg.line_batches:
-        return None
-    if not meta.get("task"):
-        raise ConfigError(f"line_batches=True needs a reasoning dataset (one problem per line); {cfg.dataset!r} is not one")
-    return load_tokenizer(meta).encode("\n")[0]
+    def eval_batch(self, split, i, micro, device):
+        """The i-th eval batch: the same at every eval, never a training batch."""
+        return self.get(split, EVAL_STEP + i, micro, device)
 
 
 def token_ce(logits, y):
-    """Mean cross-entropy of logits (..., V) against targets y (...), in float32; targets of -1
-    (not scored, answer_only) are left out. What every eval reports as a cross-entropy."""
+    """Mean cross-entropy of logits (..., V) against targets y (...), in float32, targets of -1
+    left out. What every eval reports as a cross-entropy."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1)
 
 
-def load_meta(data_dir):
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
+@torch.no_grad()
+def accuracy(model, x, y, n_loops=None, alpha=None, exit_threshold=None, chunk_size=1, sweeps=0):
+    """Exact-match hits (B, T) bool of the greedy prediction where y != -1, and the mask of those
+    positions. By default at decode semantics: in shared mode every earlier token final, as when
+    generating (chunks of one token); a loop cache needs no chunks."""
+    out = model.run(x, n_loops=n_loops, alpha=alpha, exit_threshold=exit_threshold,
+                    chunk_size=chunk_size, sweeps=sweeps)
+    pred = model.lm_head(out.selected).argmax(-1)
+    scored = y != -1
+    return (pred == y) & scored, scored
+
+
+def accuracy_by_hops(model, x, y, meta, **kw):
+    """{p: (hits, scored)} on p-hop rows x, y (data/prepare.py: token 0 names p), at decode
+    semantics (accuracy's keyword arguments pass through)."""
+    hits, scored = accuracy(model, x, y, **kw)
+    p = x[:, 0] - meta["alphabet"] + 1
+    return {h: (int(hits[p == h].sum()), int(scored[p == h].sum())) for h in meta["hops"]}
 
 
 # ---- devices, precision, DDP -------------------------------------------------------------------
@@ -258,14 +199,20 @@ class Runtime:
         dev = cfg.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(dev)
+        except RuntimeError:
+            raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N") from None
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
         if self.ddp and dev.startswith("cuda"):
             dev = f"cuda:{self.local_rank}"
             torch.cuda.set_device(dev)
         self.device = torch.device(dev)
-        if self.ddp:
-            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.ddp:   # a rank that dies stops the others within 5 minutes, not gloo's default 30
+            import datetime
+            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(minutes=5))
         self.master = self.rank == 0
         dtype = cfg.dtype
         if dtype == "auto":
@@ -299,28 +246,25 @@ class Runtime:
 
 def save_checkpoint(path, raw_model, optimizer, cfg, step, best_val_loss, extra=None):
     """Everything to continue exactly, written to a temporary file and renamed, so that a kill at
-    any moment leaves the previous checkpoint intact."""
+    any moment leaves the previous checkpoint intact. Refuses non-finite weights."""
+    bad = [n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ConfigError(f"weights became non-finite by step {step} ({bad[0]}, {len(bad)} tensors); "
+                          f"not saved: the last good checkpoint ({path}, if any) is untouched. Lower lr")
     ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                 model_config=asdict(raw_model.config), train_config=asdict(cfg), step=step,
                 best_val_loss=best_val_loss, data_position=step, rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 **(extra or {}))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """A checkpoint of this project (weights_only: no code runs on load)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no checkpoint at {path!r}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign pickle, a truncated file
-        raise ConfigError(f"{path!r} is not a readable melt checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ConfigError(f"{path!r} is not a melt checkpoint (no model / model_config inside)")
-    return ckpt
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:   # disk full, read-only: keep the good one, free the space
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise ConfigError(f"could not write {path} ({type(e).__name__}: {str(e)[:80]}); "
+                          f"the previous checkpoint, if any, is untouched") from None
 
 
 def restore_training_state(ckpt, optimizer):
@@ -329,34 +273,6 @@ def restore_training_state(ckpt, optimizer):
     torch.set_rng_state(ckpt["rng_cpu"])
     if ckpt["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-
-
-def model_from_checkpoint(ckpt, **overrides):
-    """Build the model a checkpoint holds; overrides may change the non-shape fields (cache,
-    gate, chunk_size, ...) but not the architecture. A loop-mode checkpoint loaded with
-    cache="shared" gets new gate parameters at their documented init."""
-    saved = dict(ckpt["model_config"])
-    for k in ARCH_KEYS:
-        if k in overrides and overrides[k] != saved.get(k):
-            raise ConfigError(f"checkpoint has {k}={saved.get(k)}, the config asks for {k}={overrides[k]}: "
-                              f"architecture differs (drop the override or start from scratch)")
-    model = MELT(MeltConfig(**{**saved, **overrides}))
-    sd = ckpt["model"]
-    if model.config.cache == "loop":
-        sd = {k: v for k, v in sd.items() if ".gate." not in k}
-    if model.config.cache == "shared" and saved.get("gate") != model.config.gate:
-        sd = {k: v for k, v in sd.items() if ".gate." not in k}   # a different gate starts fresh
-    model.load_weights(sd)
-    return model
-
-
-def load_start_model(init_from, overrides):
-    """The model that init_from names: an Ouro directory or a checkpoint of this project."""
-    if os.path.isdir(init_from):
-        if not os.path.isfile(os.path.join(init_from, "config.json")):
-            raise ConfigError(f"init_from={init_from!r} is a directory without config.json (not an Ouro checkpoint)")
-        return MELT.from_ouro(init_from, dtype=torch.float32, **overrides)
-    return model_from_checkpoint(load_checkpoint(init_from), **overrides)
 
 
 # ---- optimisation ------------------------------------------------------------------------------
@@ -409,7 +325,7 @@ def flops_per_token(model_cfg, T):
     if c.cache == "shared" and c.gate == "learned":
         per_layer += 2 * c.n_embd * c.n_embd
     n_applied = c.n_layer * c.n_loop * per_layer + c.n_loop * c.n_embd * c.vocab_size
-    return 6 * n_applied + 12 * c.n_layer * c.n_loop * c.n_head * c.head_dim * T
+    return (6 * n_applied + 12 * c.n_layer * c.n_loop * c.n_head * c.head_dim * T) * (1 + c.sweeps)
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -426,116 +342,29 @@ def peak_flops(device):
 # ---- evaluation ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, batches, cfg, rt, alpha, step):
-    """Mean loss on eval_iters batches of each split, at fixed data (the same every eval)."""
+def evaluate(model, batches, cfg, rt, alpha):
+    """Objective and cross-entropy on eval_iters fixed batches of each split; for a dataset
+    with targets, the exact-match accuracy on the validation batches at decode semantics."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        losses, ces = [], []
+        losses, ces, hits, scored = [], [], 0, 0
         for i in range(cfg.eval_iters):
             for micro in range(cfg.grad_accum):   # the whole global batch, split like training's
-                x, y = batches.get(split, 10_000_000 + i, micro, rt.device)
+                x, y = batches.eval_batch(split, i, micro, rt.device)
                 with rt.autocast:
                     logits, loss = model(x, y, alpha=alpha)
+                    if batches.targets is not None and split == "val":
+                        h, s = accuracy(model, x, y, alpha=alpha)
+                        hits, scored = hits + int(h.sum()), scored + int(s.sum())
                 losses.append(loss.item())
                 ces.append(token_ce(logits, y).item())
-        out[split] = rt.all_mean(sum(losses) / len(losses))
+        out[split + "_loss"] = rt.all_mean(sum(losses) / len(losses))
         out[split + "_ce"] = rt.all_mean(sum(ces) / len(ces))
+        if scored:
+            out["val_acc"] = rt.all_mean(hits / scored)
     model.train()
     return out
-
-
-def val_problem_lines(data_dir, meta, n):
-    """The tokenizer and the whole problem lines among the first n lines of val.bin (text, without
-    the newline): what both accuracy evals read."""
-    tok = load_tokenizer(meta)
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-    text = tok.decode(val[: 256 * (n + 1)].tolist())   # lines are under 256 tokens (all_queries ones too)
-    return tok, [line for line in text.split("\n")[:n] if "?" in line and line.endswith(".")]
-
-
-def task_problems(data_dir, meta, n):
-    """The first n reasoning problems of val.bin as (prompt ids, answer id): each line's first question."""
-    tok, lines = val_problem_lines(data_dir, meta, n)
-    problems = []
-    for line in lines:
-        i = line.index("?")   # the line's first question ('?x=' then the digit); all_queries lines ask more after it
-        prompt, answer = line[:i + 3], line[i + 3]
-        problems.append((tok.encode("\n" + prompt), tok.encode(answer)[0]))
-    return problems
-
-
-@torch.no_grad()
-def task_accuracy(model, problems, device, n_loops=None, alpha=None, exit_threshold=None):
-    """Exact-match accuracy of the greedy answer digit (prompts batched by length)."""
-    model.eval()
-    by_len = {}
-    for p, a in problems:
-        by_len.setdefault(len(p), []).append((p, a))
-    correct = 0
-    for group in by_len.values():
-        x = torch.tensor([p for p, _ in group], device=device)
-        out = model.run(x, n_loops=n_loops, alpha=alpha, exit_threshold=exit_threshold)
-        pred = model.lm_head(out.selected[:, -1]).argmax(-1).tolist()
-        correct += sum(int(pr == a) for pr, (_, a) in zip(pred, group))
-    model.train()
-    return correct / max(1, len(problems))
-
-
-@torch.no_grad()
-def question_hits(model, data_dir, meta, n, device, n_loops=None, exit_threshold=None, hide_answers=False):
-    """(lines, hits): the first n val lines of an all_queries or queries > 1 dataset (every line
-    asks the same number of questions) and a (lines, questions) bool tensor, True where the model's
-    greedy answer to that question of that line is right. Each line is read whole in one forward
-    pass, as in training, so question k sees the answers to questions 1..k-1.
-    hide_answers: the answers read '.' in the input, as a run trained with hide_answers saw them."""
-    tok, lines = val_problem_lines(data_dir, meta, n)
-    model.eval()
-    x = torch.tensor([tok.encode("\n" + ln) for ln in lines], device=device)   # (n, 1 + line length)
-    # '?' at line index i is x index i+1; the answer is x[:, i+4] ('?', letter, '='), predicted at i+3
-    asks = [i for i, ch in enumerate(lines[0]) if ch == "?"]
-    inp = x.clone()
-    if hide_answers:
-        inp[:, [i + 4 for i in asks]] = answer_blank(meta, True)
-    out = model.run(inp, n_loops=n_loops, exit_threshold=exit_threshold)
-    pred = model.lm_head(out.selected).argmax(-1)                               # pred[:, j] follows x[:, :j+1]
-    model.train()
-    return lines, torch.stack([pred[:, i + 3] == x[:, i + 4] for i in asks], dim=1)   # (n, questions)
-
-
-def accuracy_by_question(lines, hits):
-    """[accuracy of question 1, of question 2, ...] of a line, from question_hits: whether later
-    questions are easier than the first, e.g. answerable by elimination (the last letter asked has
-    the one digit of the line not yet given as an answer)."""
-    return (hits.sum(0).double() / len(lines)).tolist()
-
-
-def question_hops(line):
-    """The hops of each question of a chain line, in order: 0 for a variable assigned a digit,
-    1 + the hops of its right-hand side otherwise. 'r=4;b=r;?b=4;?r=4.' -> [1, 0]."""
-    assigned = dict(stmt.split("=") for stmt in line[:line.index("?")].rstrip(";").split(";"))
-    hops = lambda v: 0 if assigned[v].isdigit() else 1 + hops(assigned[v])
-    return [hops(line[i + 1]) for i, ch in enumerate(line) if ch == "?"]
-
-
-def accuracy_by_hops(lines, hits):
-    """{hops: accuracy over every question of that many hops}, from question_hits on chain lines
-    with every variable asked: which depth of lookup a model has learned, whatever the question's place."""
-    right, total = {}, {}
-    for line, row in zip(lines, hits.tolist()):
-        for h, ok in zip(question_hops(line), row):
-            right[h], total[h] = right.get(h, 0) + ok, total.get(h, 0) + 1
-    return {h: right[h] / total[h] for h in sorted(total)}
-
-
-def task_accuracy_by_question(model, data_dir, meta, n, device, **kw):
-    """accuracy_by_question of the model on the first n val lines (question_hits)."""
-    return accuracy_by_question(*question_hits(model, data_dir, meta, n, device, **kw))
-
-
-def task_accuracy_by_hops(model, data_dir, meta, n, device, **kw):
-    """accuracy_by_hops of the model on the first n val chain lines (question_hits)."""
-    return accuracy_by_hops(*question_hits(model, data_dir, meta, n, device, **kw))
 
 
 def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):
@@ -546,39 +375,52 @@ def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):
     return tok.decode(out[0].tolist())
 
 
-# ---- the training loop ---------------------------------------------------------------------------
+# ---- building the run ------------------------------------------------------------------------
 
-def check_model_against_data(model_cfg, meta, dataset):
+def check_model_against_data(model_cfg, meta, dataset, saved_meta=None):
+    """The data must fit the model's vocabulary, and a model trained on other data (resume,
+    init_from a checkpoint) must have read the same tokenizer: ids would change meaning."""
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ConfigError(f"dataset {dataset!r} has vocab_size {meta['vocab_size']} but the model has "
                           f"{model_cfg.vocab_size}: prepare the data with the model's tokenizer")
+    if saved_meta is not None:
+        keys = ("tokenizer", "chars", "tokenizer_json", "vocab_size", "alphabet", "hops")
+        diff = [k for k in keys if saved_meta.get(k) != meta.get(k)]
+        if diff:
+            raise ConfigError(f"dataset {dataset!r} does not use the tokenizer the checkpoint was trained with "
+                              f"(they differ in {diff[0]}): train on that checkpoint's dataset")
 
 
 def build(cfg, model_keys, rt):
-    """(model, optimizer, start step, best val loss, teacher for KD or None, checkpoint extra)."""
+    """(model, optimizer, start step, best val loss, teacher for KD or None, data dir, meta)."""
     data_dir = ensure_dataset(cfg.dataset)
     meta = load_meta(data_dir)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start_step, best, teacher = 0, float("inf"), None
+    start_step, best, teacher, saved_meta = 0, float("inf"), None, None
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"init_from=resume but {ckpt_path} does not exist: train first, or set out_dir")
         ckpt = load_checkpoint(ckpt_path)
-        model = model_from_checkpoint(ckpt, **model_keys)
-        start_step, best = ckpt["step"], ckpt["best_val_loss"]
-        saved_train = ckpt["train_config"]
-        if saved_train.get("init_from") not in ("scratch", "resume") and cfg.kd_weight > 0:
-            teacher = load_start_model(saved_train["init_from"], dict(cache="loop"))
-    elif cfg.init_from == "scratch":
-        keys = {**DEFAULT_MODEL, "vocab_size": meta["vocab_size"], **model_keys}
-        model = MELT(MeltConfig(**keys))
+        model = MELT.from_checkpoint(ckpt, **model_keys)
+        start_step, best, saved_meta = ckpt["step"], ckpt["best_val_loss"], ckpt.get("data_meta")
+        start = ckpt["train_config"].get("init_from")
+        if start not in ("scratch", "resume") and cfg.kd_weight > 0:
+            teacher, _ = load_model(start, dtype=torch.float32, cache="loop")
     else:
-        model = load_start_model(cfg.init_from, model_keys)
-        if cfg.kd_weight > 0:
-            teacher = load_start_model(cfg.init_from, {"cache": "loop"})
+        if os.path.isfile(ckpt_path) and not cfg.overwrite and rt.master:
+            raise ConfigError(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it "
+                              f"with --overwrite=True")
+        if cfg.init_from == "scratch":
+            model = MELT(MeltConfig(**{**DEFAULT_MODEL, "vocab_size": meta["vocab_size"], **model_keys}))
+        else:
+            model, saved_meta = load_model(cfg.init_from, dtype=torch.float32, **model_keys)
+            if cfg.kd_weight > 0:
+                teacher, _ = load_model(cfg.init_from, dtype=torch.float32, cache="loop")
+        if os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")) and rt.master:
+            os.remove(os.path.join(cfg.out_dir, "log.jsonl"))   # a new run: a new log
     mc = model.config
-    check_model_against_data(mc, meta, cfg.dataset)
+    check_model_against_data(mc, meta, cfg.dataset, saved_meta)
     if mc.chunk_size > mc.block_size:
         raise ConfigError(f"chunk_size={mc.chunk_size} is larger than block_size={mc.block_size}")
     model.to(rt.device)
@@ -592,9 +434,8 @@ def build(cfg, model_keys, rt):
 
 def kd_loss(student_logits, teacher_logits, temperature, targets=None):
     """KL(teacher || student) of next-token distributions (B, T, V) at a temperature, mean over
-    tokens; with targets (B, T), over the scored ones only (not -1: with answer_only, KD is taken
-    where the LM loss is). A weighted mean, not a selection: no shape depends on the data, so a
-    CUDA-graphed step (cuda_graph=True) can record it."""
+    tokens; with targets (B, T), over the scored ones only (not -1). A weighted mean, not a
+    selection: no shape depends on the data, so a CUDA-graphed step can record it."""
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
     p = F.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -607,7 +448,8 @@ class LMObjective(torch.nn.Module):
     """What train.py minimises for one micro-batch: the model's LM loss (MeltConfig.loss), plus,
     during the transition with kd_weight > 0, KL(start model || model) on the last loop. A module,
     so that DDP and torch.compile wrap the whole computation of the loss. The frozen teacher's
-    outputs are computed outside it (teacher_outputs) and passed in."""
+    outputs are computed outside it (teacher_outputs) and passed in. Returns (loss, parts): parts
+    are the terms to show, "ce" the cross-entropy whenever the loss is something else."""
 
     def __init__(self, model, cfg):
         super().__init__()
@@ -620,26 +462,24 @@ class LMObjective(torch.nn.Module):
     def forward(self, x, y, alpha, teacher_out=None):
         out = self.model.run(x, alpha=alpha)
         lm = self.model.loss(out, y)
+        parts = {}
+        if self.model.config.loss != "expected_logits":
+            parts["ce"] = token_ce(self.model.lm_head(out.selected), y).detach()
         if teacher_out is None:
-            return lm, {}
-        s_logits, t_logits = self.model.lm_head(out.hidden[-1]), teacher_out
-        kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature, y if self.cfg.answer_only else None)
-        return lm + self.cfg.kd_weight * kd, {"lm": lm.detach(), "kd": kd.detach()}
+            return lm, parts
+        kd = kd_loss(self.model.lm_head(out.hidden[-1]), teacher_out, self.cfg.kd_temperature, y)
+        return lm + self.cfg.kd_weight * kd, {**parts, "lm": lm.detach(), "kd": kd.detach()}
 
 
 class GraphedStep:
     """A micro-step's forward and backward replayed as CUDA graphs (cuda_graph=True, one GPU).
 
-    Why: MELT's chunk-wise step is thousands of small kernels (chunks x loops x layers, forward and
-    backward), each launched from Python: on an H200 eager phase 1 ran at 0.29x the eager LoopLM,
-    and compiling it did not finish (README, "On one GPU"). torch.cuda.make_graphed_callables
-    records the objective's forward and its backward once; each call then copies the batch into the
-    recording's inputs and launches all of it at once. The optimizer stays eager.
-    Only the model's own key/value layout is recorded (MELT.kv_layout: "shared" for MELT, "loop"
-    for a LoopLM), with alpha fixed at 1. The transition's other steps (alpha < 1) run eager: our
-    first recording of the mixed layout, alpha a device scalar, failed on an H200 (README, "On one
-    GPU"; PyTorch's warning named the previous step's autograd graph, still alive, which the
-    training loop now drops; whether the mixed layout records since then is untested)."""
+    MELT's chunk-wise step is thousands of small kernels (chunks x loops x layers, forward and
+    backward), each launched from Python. torch.cuda.make_graphed_callables records the
+    objective's forward and its backward once; each call then copies the batch into the
+    recording's inputs and launches all of it at once. The optimizer stays eager. Only the model's
+    own key/value layout (MELT.kv_layout at alpha=1) is recorded; the transition's alpha < 1
+    steps run eager (RESULTS.md has the measurements)."""
 
     def __init__(self, objective, rt):
         self.objective, self.fn = objective, None
@@ -682,6 +522,8 @@ def check_cuda_graph(cfg, rt):
         raise ConfigError(f"cuda_graph=True: {why}")
 
 
+# ---- the training loop ---------------------------------------------------------------------------
+
 def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     """The loop shared by train.py and distill.py: build, then step / eval / checkpoint."""
     from tqdm import tqdm
@@ -689,10 +531,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     rt = Runtime(cfg)
     check_cuda_graph(cfg, rt)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
-    batches = Batches(data_dir, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
-                      cfg.seed, answer_marker(meta, cfg.answer_only, cfg.dataset), line_token(meta, cfg),
-                      answer_blank(meta, cfg.hide_answers))
-    problems = task_problems(data_dir, meta, cfg.task_eval_n) if meta.get("task") else None
+    batches = Batches(data_dir, meta, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
+                      cfg.seed)
     objective = objective_cls(raw, cfg)
     step_fn = ddp = objective
     if rt.ddp:   # unused parameters are normal here: gates at alpha=0, the exit gate with loss="last"
@@ -713,7 +553,8 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     if rt.master:
         c = raw.config
         print(f"model: {raw.num_params(False)/1e6:.2f}M parameters, {c.n_layer} layers x {c.n_loop} loops, "
-              f"cache={c.cache}" + (f", gate={c.gate}, chunk_size={c.chunk_size}" if c.cache == "shared" else "")
+              f"cache={c.cache}" + (f", gate={c.gate}, chunk_size={c.chunk_size}, sweeps={c.sweeps}"
+                                    if c.cache == "shared" else "")
               + f"; {tokens_per_step:,} tokens per step on {rt.device} ({rt.dtype})")
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not rt.master, dynamic_ncols=True)
     t0 = time.time()
@@ -721,16 +562,12 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     def do_eval(step):
         nonlocal best
         alpha = alpha_at(step, cfg, raw.config)
-        losses = evaluate(raw, batches, cfg, rt, alpha, step)
-        # *_loss: the training objective; val_ce: cross-entropy of the logits generation uses
-        rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], val_ce=losses["val_ce"],
-                   alpha=alpha, lr=lr_at(step, cfg))
-        if problems is not None:
-            rec["task_acc"] = task_accuracy(raw, problems, rt.device, alpha=alpha)
+        # *_loss: the training objective; *_ce: cross-entropy of the logits generation uses
+        rec = dict(step=step, **evaluate(raw, batches, cfg, rt, alpha), alpha=alpha, lr=lr_at(step, cfg))
         if hasattr(objective, "eval_extra"):
             rec.update(objective.eval_extra(teacher, batches, rt, alpha))
         rec["time"] = time.time()
-        best = min(best, losses["val"])
+        best = min(best, rec["val_loss"])
         if rt.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -739,9 +576,10 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         return rec
 
     raw.train()
+    rec = None
     while step < cfg.max_iters:
-        if step % cfg.eval_interval == 0:
-            do_eval(step)
+        if step % cfg.eval_interval == 0 and (rec is None or rec["step"] != step):
+            rec = do_eval(step)
             if step > 0 and rt.master:
                 save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best, dict(data_meta=meta))
         lr = lr_at(step, cfg)
@@ -775,14 +613,16 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             dt = (time.time() - t0) / cfg.log_interval
             t0 = time.time()
-            post = dict(loss=f"{rt.all_mean(total):.4f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+            post = dict(loss=f"{rt.all_mean(total):.4f}")
+            post.update({k: f"{v.item():.4f}" for k, v in parts.items()})
+            post.update(tok_s=f"{tokens_per_step / dt:,.0f}",
                         mfu=f"{100 * flops / dt / (peak * rt.world):.1f}%" if peak else "n/a")
             if raw.config.cache == "shared" and cfg.alpha_steps:
                 post["alpha"] = f"{alpha:.2f}"
-            post.update({k: f"{v.item():.4f}" for k, v in parts.items()})
             bar.set_postfix(post, refresh=False)
         bar.update(1)
-    rec = do_eval(step)
+    if rec is None or rec["step"] != step:
+        rec = do_eval(step)
     if rt.master:
         save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best, dict(data_meta=meta))
     bar.close()
@@ -790,24 +630,25 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     return raw, rec, meta
 
 
+def final_line(rec):
+    """The run's last words: validation cross-entropy, and the objective beside it when it differs."""
+    line = f"val CE {rec['val_ce']:.4f}"
+    if abs(rec["val_loss"] - rec["val_ce"]) > 1e-9:
+        line += f" (objective {rec['val_loss']:.4f})"
+    if "val_acc" in rec:
+        line += f", val accuracy {rec['val_acc']:.3f} (decode semantics)"
+    return line
+
+
 def main(argv):
     cfg, model_keys = parse_args(argv)
     model, rec, meta = train(cfg, model_keys)
-    if cfg.sample_tokens and int(os.environ.get("RANK", 0)) == 0:
+    if cfg.sample_tokens and int(os.environ.get("RANK", 0)) == 0 and not meta.get("targets"):
         tok = load_tokenizer(meta)
         print("-" * 60)
         print(sample_text(model, tok, next(model.parameters()).device, cfg.sample_tokens))
         print("-" * 60)
-    print(f"final: val loss {rec['val_loss']:.4f}" + (f", task accuracy {rec['task_acc']:.3f}" if "task_acc" in rec else "")
-          + f"; checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
-
-
-def run_cli(main_fn, prog):
-    try:
-        main_fn(sys.argv[1:])
-    except (ConfigError, MeltError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    print(f"final: {final_line(rec)}; checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 
 
 if __name__ == "__main__":

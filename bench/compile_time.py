@@ -13,7 +13,7 @@ transition's 108 s became 3 s here).
    as MELT's transition (0 < alpha < 1: both layouts, chunk-wise) with 2 and 4 chunks per sequence:
    the chunk-wise graph unrolls chunks x loops x layers, so its size, and its compile, grow with
    the number of chunks. Then the step again at the next alpha, which must not recompile.
-2. The one-token decode step `sample.py --compile` compiles (MELT.step_fixed), for the issue's
+2. The one-token decode step `sample.py --compile` compiles (MELT.decode_step_fixed), for the issue's
    4-layer decode config and the 8-layer config/gpu_*.py shape.
 """
 
@@ -55,7 +55,7 @@ def decode_step_compile(n_layer, n_embd, n_head, vocab_size):
     step = model.decode_step_fixed(compile=True)
     with torch.inference_mode():
         cache = model.new_cache(1, 72)
-        logits, _ = model.step(torch.randint(0, vocab_size, (1, 8)), cache)
+        logits, _ = model.prefill(torch.randint(0, vocab_size, (1, 8)), cache)
         t = time.perf_counter()
         step(logits.argmax(-1, keepdim=True), cache)
     return time.perf_counter() - t
@@ -77,7 +77,7 @@ def main():
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
     if "--decode" not in sys.argv:
         train_table()
-    print("\n| decode step (MELT.step_fixed, 4 loops) | first call (compiles) |\n|---|---|")
+    print("\n| decode step (MELT.decode_step_fixed, 4 loops) | first call (compiles) |\n|---|---|")
     for label, shape in (("4 layers, width 256 (bench/decode_speed.py)", (4, 256, 4, 512)),
                          ("8 layers, width 512 (config/gpu_*.py)", (8, 512, 8, 65))):
         print(f"| {label} | {decode_step_compile(*shape):.0f} s |", flush=True)

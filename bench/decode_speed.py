@@ -10,8 +10,8 @@ The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 h
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
 MELT with its learned gate, and MELT with the parameter-free gate=mean (the shared cache layout
 without the gate's two width x width matrices). Three ways to run the one-token decode step
-(prefill stays eager in all): eager; MELT.step compiled with dynamic shapes (the attention reads
-the rows up to the position, a shape that grows); and MELT.step_fixed compiled, gpt-fast's design
+(prefill stays eager in all): eager; MELT.prefill compiled with dynamic shapes (the attention reads
+the rows up to the position, a shape that grows); and MELT.decode_step_fixed compiled, gpt-fast's design
 and what `sample.py --compile` uses (position as a tensor, attention over the whole preallocated
 cache with later rows masked: one graph for every position, CUDA-graph-ready on a GPU).
 
@@ -96,10 +96,10 @@ def profile_step(model, tokens=20):
     compiled = model.decode_step_fixed(compile=True)
     decode_rate(model, 64, 2 * tokens, compiled)   # compiles, for the cache length profiled below
     idx = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    for name, step in (("eager", model.step), ("compiled", compiled)):
+    for name, step in (("eager", model.prefill), ("compiled", compiled)):
         with torch.inference_mode():
             cache = model.new_cache(1, 64 + 2 * tokens)
-            nxt = model.step(idx, cache)[0].argmax(-1, keepdim=True)
+            nxt = model.prefill(idx, cache)[0].argmax(-1, keepdim=True)
             for _ in range(tokens // 2):
                 step(nxt, cache)
             with profile() as prof:
@@ -173,7 +173,7 @@ def main():
         print(f"{name}: its matrix-vector products alone run at {matvec_ceiling(m):.0f} tok/s", flush=True)
     modes = {"eager": {}}
     if "--no-compile" not in sys.argv:
-        for mode, make in (("compiled, dynamic shapes", lambda m: torch.compile(m.step, dynamic=True)),
+        for mode, make in (("compiled, dynamic shapes", lambda m: torch.compile(m.prefill, dynamic=True)),
                            ("compiled, fixed shapes", lambda m: m.decode_step_fixed(compile=True))):
             modes[mode] = {}
             for name, m in models.items():

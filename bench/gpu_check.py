@@ -6,7 +6,7 @@ the training checks; a lent GPU's time is short).
     python bench/gpu_check.py --device=cpu   # the same code path without CUDA graphs (a dry run)
 
 1. The CUDA-graph decode step, MELT.decode_step_fixed(compile=True), which `sample.py --compile`
-   uses, fed the same tokens as the eager MELT.step, teacher-forced so that one early difference
+   uses, fed the same tokens as the eager MELT.prefill, teacher-forced so that one early difference
    cannot change every later input: logits agree to the dtype's rounding, loops used are equal,
    nothing is recompiled while the position moves, and inductor did not skip the CUDA graph.
    float32 (matrix units' TF32 off) for the loop layout, the shared layout, and the shared layout
@@ -42,14 +42,14 @@ def teacher_forced(model, compiled, B=1, prompt_len=64, n=48, exit_threshold=Non
     kw = dict(exit_threshold=exit_threshold)
     with torch.inference_mode():
         ce, cc = model.new_cache(B, prompt_len + n), model.new_cache(B, prompt_len + n)
-        model.step(prompt, ce, **kw)
-        model.step(prompt, cc, **kw)
+        model.prefill(prompt, ce, **kw)
+        model.prefill(prompt, cc, **kw)
         compiled(forced[:, :1], cc, **kw)            # compiles (or replays) at the first position
-        model.step(forced[:, :1], ce, **kw)
+        model.prefill(forced[:, :1], ce, **kw)
         graphs = counters["stats"]["unique_graphs"]
         worst, agree, used_differ, depths = 0.0, 0.0, 0, set()
         for t in range(1, n):
-            le, ue = model.step(forced[:, t:t + 1], ce, **kw)
+            le, ue = model.prefill(forced[:, t:t + 1], ce, **kw)
             lc, uc = compiled(forced[:, t:t + 1], cc, **kw)
             le, lc = le.float(), lc.float()
             worst = max(worst, ((lc - le).abs().max() / le.abs().max()).item())

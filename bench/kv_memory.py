@@ -3,7 +3,7 @@ Table 1: KV-cache bytes per token and in total, versus loops and context length,
 transformer (1 loop), a LoopLM (one cache per loop and layer) and MELT (one cache per layer).
 
     python bench/kv_memory.py            # prints the markdown tables the README shows
-    python bench/kv_memory.py --plot     # also writes bench/kv_memory.png (needs matplotlib)
+    python bench/kv_memory.py --plot     # also writes bench/results/kv_memory.png (needs matplotlib)
 
 The small config (the bench model: vocab 512, width 256, 4 layers, 4 heads) is *measured*: real
 caches are allocated with model.new_cache() and their tensors' bytes summed. Ouro-1.4B's config
@@ -73,7 +73,7 @@ def main():
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kv_memory.png")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_memory.png")
         fig.savefig(out, dpi=110)
         print(f"wrote {out}")
 

