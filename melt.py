@@ -108,6 +108,9 @@ class KVStore:
     end_chunk(n): the chunk's n tokens are done; the next rows come after them.
     pos: the number of tokens before the current chunk (an int; a (1,) tensor in FixedRows).
     chunk_rows(slot, layer): the chunk's rows as last written (THE SWEEPS read them).
+    start: None, or (B,) the first slot of each row's own tokens in a batch of prompts of
+        different lengths, left-padded (KVCache): a row's positions count from its start and
+        its queries never read the slots before it.
 
     A slot is a loop index in the loop layout (slot r: every token's loop-r rows) and 0 in the
     shared layout (one row per token and layer). Three implementations:
@@ -115,6 +118,8 @@ class KVStore:
         TrainHistory  training: autograd tensors, concatenated, so gradients reach earlier chunks
         FixedRows     the fixed-shape one-token decode view of a KVCache (torch.compile, CUDA graphs)
     """
+
+    start = None
 
     def rows(self, slot, layer, k, v):
         raise NotImplementedError
@@ -136,7 +141,8 @@ class KVCache(KVStore):
     decode step, whose compiled graph must not depend on a Python number.
     """
 
-    def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+    def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device,
+                 start=None):
         shape = (n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.layout, self.batch_size, self.max_len = layout, batch_size, max_len
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -146,6 +152,11 @@ class KVCache(KVStore):
         self._v = [list(self.v[i].unbind(0)) for i in range(n_slots)]
         self.pos, self._c = 0, 0
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        # the decode step always reads a start (zeros: no padding), so one compiled graph serves both
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if start is not None:
+            self.start = torch.as_tensor(start, dtype=torch.long, device=device).view(batch_size)
+            self.offsets.copy_(self.start)
 
     @property
     def nbytes(self):
@@ -173,7 +184,7 @@ class KVCache(KVStore):
 
     def clone(self):
         """An independent copy at the same position (e.g. to branch generation from one prompt)."""
-        dup = KVCache(self.layout, *self.k.shape, self.k.dtype, self.k.device)
+        dup = KVCache(self.layout, *self.k.shape, self.k.dtype, self.k.device, start=self.start)
         dup.k.copy_(self.k)
         dup.v.copy_(self.v)
         dup.end_chunk(self.pos)
@@ -211,13 +222,14 @@ class TrainHistory(KVStore):
 class FixedRows(KVStore):
     """The decode-time view of a KVCache with every shape fixed, for torch.compile and CUDA graphs
     (gpt-fast's design): rows() writes the token's row at `pos`, a (1,) int64 tensor, and returns
-    the whole preallocated (slot, layer) block; the attention mask hides the rows after pos. So the
-    compiled step sees the same shapes at every position and is traced once. The caller advances
-    the KVCache."""
+    the first n_keys rows of the preallocated (slot, layer) block, n_keys a length bucket past pos
+    (MELT.key_bucket); the attention mask hides the rows after pos. So the compiled step sees the
+    same shapes at every position of a bucket and is traced once per bucket, while its attention
+    reads the rows in use, not the whole cache. The caller advances the KVCache."""
 
-    def __init__(self, k, v, pos):
-        _, _, B, nkv, self.max_len, _ = k.shape
-        self.k, self.v, self.pos = k, v, pos
+    def __init__(self, k, v, pos, n_keys=None):
+        _, _, B, nkv, max_len, _ = k.shape
+        self.k, self.v, self.pos, self.max_len = k, v, pos, n_keys or max_len
         # where a token's rows go, as index tensors broadcast to (B, nkv, 1): index_put_ on the
         # whole cache tensor, not on a view of it, which a compiled graph would copy every step
         self.b = torch.arange(B, device=k.device).view(B, 1, 1)
@@ -228,7 +240,7 @@ class FixedRows(KVStore):
               self.pos.view(1, 1, 1))
         self.k.index_put_(at, k)   # k, v: (B, nkv, 1, hs), i.e. one row of hs per (b, head)
         self.v.index_put_(at, v)
-        return self.k[slot, layer], self.v[slot, layer]   # (B, nkv, max_len, hs)
+        return self.k[slot, layer, :, :, :self.max_len], self.v[slot, layer, :, :, :self.max_len]   # (B, nkv, n_keys, hs)
 
     def end_chunk(self, n_tokens):
         pass   # the cache's position advances outside the compiled step, in KVCache.end_chunk
@@ -640,8 +652,19 @@ class MELT(nn.Module):
 
     def _chunk(self, store, c, alpha, layout, R, device, dtype, sweep=False):
         """The Chunk of c tokens after store.pos (variable shapes: training, prefill)."""
-        pos = store.pos
-        return Chunk(store=store, layout=layout, alpha=alpha, shared_slot=R if layout == "both" else 0,
+        pos, slot = store.pos, R if layout == "both" else 0
+        if store.start is not None:   # a ragged batch: per-row positions and a per-row mask
+            at = (torch.arange(pos, pos + c, device=device)[None] - store.start[:, None]).clamp_min(0)   # (B, c)
+            key_slot = torch.arange(pos + c, device=device)            # the cache slot of each key column
+            if sweep:
+                key_slot = torch.cat((key_slot, torch.arange(pos, pos + c, device=device)))
+            mask = causal_mask(pos, c, device, sweep)
+            mask = torch.ones(c, len(key_slot), dtype=torch.bool, device=device) if mask is None else mask
+            mask = mask & (key_slot[None] >= store.start[:, None]).unsqueeze(1)                # (B, c, keys)
+            return Chunk(store=store, layout=layout, alpha=alpha, shared_slot=slot,
+                         cos=self.rope_cos[at].to(dtype).unsqueeze(1), sin=self.rope_sin[at].to(dtype).unsqueeze(1),
+                         mask=mask.unsqueeze(1), is_causal=False)                           # (B, 1, c, keys)
+        return Chunk(store=store, layout=layout, alpha=alpha, shared_slot=slot,
                      cos=self.rope_cos[pos:pos + c].to(dtype), sin=self.rope_sin[pos:pos + c].to(dtype),
                      mask=causal_mask(pos, c, device, sweep) if pos > 0 or sweep else None,
                      is_causal=c > 1 and pos == 0 and not sweep)   # c first: a plain bool under compile
@@ -779,9 +802,10 @@ class MELT(nn.Module):
 
     # ---- DECODING: a cache, prefill, the one-token step, generate ------------------------------
 
-    def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None):
+    def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None, start=None):
         """A preallocated KVCache for this model's layout. Loop layout: one slot per loop
-        (n_loops, default config.n_loop); shared layout: one slot, whatever the loop count."""
+        (n_loops, default config.n_loop); shared layout: one slot, whatever the loop count.
+        start (B,): each row's first slot, for prompts of different lengths left-padded."""
         cfg = self.config
         max_seq_len = max_seq_len or cfg.block_size
         if max_seq_len > cfg.block_size:
@@ -789,42 +813,68 @@ class MELT(nn.Module):
         n_slots = (n_loops or cfg.n_loop) if cfg.cache == "loop" else 1
         p = self.lm_head.weight
         return KVCache(cfg.cache, n_slots, cfg.n_layer, batch_size, cfg.n_kv_head, max_seq_len,
-                       cfg.head_dim, dtype or p.dtype, device or p.device)
+                       cfg.head_dim, dtype or p.dtype, device or p.device, start=start)
 
     def prefill(self, idx, cache, n_loops=None, exit_threshold=None):
         """Run idx (B, c) after what the cache holds, writing its rows -> (logits of the last
-        position (B, V), loops used (B, c)). The prompt, in chunks; also the eager one-token step."""
+        position (B, V), loops used (B, c)). The prompt, in chunks; also the eager one-token step.
+        The prompts of a ragged batch (cache.start, left-padded) are prefilled one by one, so that
+        each is chunked from its own first token exactly as alone, and their rows copied into it."""
+        if cache.start is not None and cache.pos == 0:
+            B, T = idx.shape
+            logits, used = [], []
+            for b in range(B):
+                s = int(cache.start[b])
+                one = self.new_cache(1, T - s, n_loops=n_loops, dtype=cache.k.dtype, device=cache.k.device)
+                lg, u = self.prefill(idx[b:b + 1, s:], one, n_loops, exit_threshold)
+                cache.k[:, :, b, :, s:T] = one.k[:, :, 0]
+                cache.v[:, :, b, :, s:T] = one.v[:, :, 0]
+                logits.append(lg)
+                used.append(u[:, -1:])
+            cache.end_chunk(T)
+            return torch.cat(logits), torch.cat(used)
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    def _decode_one_token(self, idx, cache_k, cache_v, position, n_loops, exit_threshold):
+    @staticmethod
+    def key_bucket(n, max_len, smallest=64):
+        """The keys a fixed-shape decode step reads when n rows are in use: the next power of two
+        from `smallest`, at most max_len (a few shapes, each compiled once)."""
+        return min(max_len, max(smallest, 1 << (n - 1).bit_length()))
+
+    def _decode_one_token(self, idx, cache_k, cache_v, position, offsets, n_keys, n_loops, exit_threshold):
         """The one-token step with every shape fixed, made to be compiled (gpt-fast): idx (B, 1) at
         `position` (KVCache.position, a (1,) tensor) writes its rows in place and attends over the
         whole preallocated cache (KVCache.k / .v), rows after it masked. Same numbers as prefill()
         of one token; nothing depends on the position as a Python number, so torch.compile traces
-        it once and a GPU replays it as a CUDA graph. It does not advance the cache."""
+        it once and a GPU replays it as a CUDA graph. offsets (B,): each row's first slot (KVCache's
+        start, zeros without padding). It does not advance the cache."""
         h = self.tok_emb(idx)
-        store = FixedRows(cache_k, cache_v, position)
+        B = idx.shape[0]
+        store = FixedRows(cache_k, cache_v, position, n_keys)
+        at = position - offsets                                                          # (B,) each row's position
+        slots = torch.arange(store.max_len, device=h.device)
         ck = Chunk(store=store, layout=self.config.cache, alpha=1.0, shared_slot=0,
-                   cos=self.rope_cos[position].to(h.dtype), sin=self.rope_sin[position].to(h.dtype),   # (1, hs)
-                   mask=(torch.arange(store.max_len, device=h.device) <= position).view(1, -1),   # (1, max_len)
+                   cos=self.rope_cos[at].to(h.dtype).view(B, 1, 1, -1), sin=self.rope_sin[at].to(h.dtype).view(B, 1, 1, -1),
+                   mask=((slots <= position) & (slots >= offsets[:, None])).view(B, 1, 1, -1),   # (B, 1, 1, max_len)
                    is_causal=False)
         hidden, gate_logits, _, used = self._run_chunk(h, store, n_loops, 1.0, self.config.cache,
                                                        exit_threshold, False, ck=ck)
         out = self._output(torch.stack(hidden), torch.stack(gate_logits), used, None, exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    def decode_step_fixed(self, compile=False):
+    def decode_step_fixed(self, compile=False, buckets=True):
         """The one-token decode step for generate_stream(decode_step=...): checks the cache, runs
-        _decode_one_token (compiled once if compile=True; on a GPU as a CUDA graph, the cache
-        tensors marked as static inputs so the graph may write them in place), advances the cache.
-        Only this step is compiled; the prefill stays eager (gpt-fast)."""
+        _decode_one_token (compiled if compile=True, once per length bucket; on a GPU as CUDA
+        graphs, the cache tensors marked as static inputs so a graph may write them in place),
+        advances the cache. Only this step is compiled; the prefill stays eager (gpt-fast).
+        buckets=False reads the whole preallocated cache at every position (one shape)."""
         fn = self._decode_one_token
         cuda_graphs = compile and self.lm_head.weight.is_cuda
         if cuda_graphs:
-            fn = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
         elif compile:
-            fn = torch.compile(fn, fullgraph=True, options=CPU_DECODE_COMPILE_OPTIONS)
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_DECODE_COMPILE_OPTIONS)
 
         def decode_step(idx, cache, n_loops=None, exit_threshold=None):
             R, q = self._depth(n_loops, exit_threshold)   # checked here, outside the compiled graph
@@ -835,7 +885,8 @@ class MELT(nn.Module):
                 torch._dynamo.mark_static_address(cache.k)   # the graph writes these in place
                 torch._dynamo.mark_static_address(cache.v)
                 torch.compiler.cudagraph_mark_step_begin()
-            logits, used = fn(idx, cache.k, cache.v, cache.position, R, q)
+            n_keys = self.key_bucket(cache.pos + 1, cache.max_len) if buckets else cache.max_len
+            logits, used = fn(idx, cache.k, cache.v, cache.position, cache.offsets, n_keys, R, q)
             cache.end_chunk(1)
             if cuda_graphs:   # a CUDA graph's outputs are overwritten by its next replay
                 logits, used = logits.clone(), used.clone()
@@ -868,11 +919,32 @@ class MELT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
-                 n_loops=None, exit_threshold=None):
-        """Prompt idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy."""
+                 n_loops=None, exit_threshold=None, decode_step=None):
+        """Prompt idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy. idx may also be a
+        list of 1-D prompts of different lengths: they run as one batch (left-padded, each row's
+        positions and mask its own) and come back as a list, each its prompt and its new tokens."""
+        if isinstance(idx, (list, tuple)):
+            padded, made = self.ragged_batch(idx, max_new_tokens, n_loops)
+            cache = made if cache is None else cache   # a cache given for a ragged batch: ragged_batch's
+            new = self.generate(padded, max_new_tokens, temperature, top_k, cache, generator, n_loops,
+                                exit_threshold, decode_step)[:, padded.shape[1]:]
+            return [torch.cat([p.to(new.device), row]) for p, row in zip(idx, new)]
         new = [t for t, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, cache,
-                                                   generator, n_loops, exit_threshold)]
+                                                   generator, n_loops, exit_threshold, decode_step)]
         return torch.cat([idx, *new], dim=1)
+
+    def ragged_batch(self, prompts, max_new_tokens, n_loops=None):
+        """Prompts of different lengths -> (left-padded ids (B, T), a KVCache whose start says
+        where each row's tokens begin), for generate_stream."""
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise MeltError("give a non-empty list of non-empty 1-D prompts")
+        T = max(p.numel() for p in prompts)
+        dev = self.lm_head.weight.device
+        padded = torch.zeros(len(prompts), T, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            padded[b, T - p.numel():] = p.to(dev)
+        start = [T - p.numel() for p in prompts]
+        return padded, self.new_cache(len(prompts), T + max_new_tokens, n_loops=n_loops, start=start)
 
     # ---- weights: this project's checkpoints and Ouro directories ------------------------------
 
@@ -906,6 +978,9 @@ class MELT(nn.Module):
             if k in overrides and overrides[k] != saved.get(k):
                 raise MeltError(f"checkpoint has {k}={saved.get(k)}, the config asks for {k}={overrides[k]}: "
                                 f"architecture differs (drop the override or start from scratch)")
+        if "model_config_sha" in ckpt and ckpt["model_config_sha"] != config_sha(ckpt["model_config"]):
+            raise MeltError("the checkpoint's model_config was changed after it was saved: its weights were "
+                            "trained with another one (give changes as overrides instead)")
         saved = {k: v for k, v in saved.items() if k in MODEL_FIELDS}   # checkpoints before a field existed
         model = cls(MeltConfig(**{**saved, **overrides}))
         sd = ckpt["model"]
@@ -1091,6 +1166,11 @@ def ouro_config(hf, **overrides):
                   exit_threshold=float(hf.get("early_exit_threshold") or 1.0))
     except KeyError as e:
         raise MeltError(f"Ouro config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise MeltError(f"Ouro config.json has a value of the wrong type ({e})") from None
+    for k, v in kw.items():
+        if k not in ("rope_theta", "norm_eps", "exit_threshold") and (not isinstance(v, int) or isinstance(v, bool)):
+            raise MeltError(f"Ouro config.json gives {k}={v!r}, which should be an integer")
     known = {f.name for f in fields(MeltConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
@@ -1110,4 +1190,12 @@ def load_ouro_tokenizer(path):
 
 def config_dict(config):
     return asdict(config)
+
+
+def config_sha(model_config):
+    """A digest of a saved model_config dict: train.py stores it beside the config, so that a
+    config edited in the file (shapes that still fit the tensors, say n_head 2 -> 4 with head_dim
+    16 -> 8) is refused instead of silently computing something else."""
+    import hashlib
+    return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
 

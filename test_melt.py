@@ -431,6 +431,26 @@ def test_shared_prefill_chunk1_equals_token_by_token():
     assert c1.pos == c2.pos == 9
 
 
+@pytest.mark.parametrize("cache,threshold,fixed", [("loop", 1.0, False), ("shared", 1.0, False),
+                                                   ("shared", 0.5, False), ("loop", 1.0, True), ("shared", 1.0, True)])
+def test_ragged_batch_equals_each_prompt_alone(cache, threshold, fixed):
+    """generate() on a list of prompts of different lengths (one left-padded batch, each row with
+    its own positions and mask) gives, row by row, the tokens of that prompt generated alone,
+    greedy, token for token: both layouts, adaptive exit, eager and fixed-shape decode steps; the
+    cache holds the batch's rows, (longest prompt + new tokens) per row."""
+    model = tiny_model(cache=cache, chunk_size=3, exit_threshold=threshold)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 61, (n,), generator=g) for n in (7, 2, 11, 5)]
+    step = model.decode_step_fixed() if fixed else None
+    batch = model.generate(prompts, 9, temperature=0, decode_step=step)
+    for p, row in zip(prompts, batch):
+        alone = model.generate(p[None], 9, temperature=0, decode_step=step)[0]
+        assert torch.equal(row, alone), (len(p), row, alone)
+    padded, ragged_cache = model.ragged_batch(prompts, 9)
+    assert padded.shape == (4, 11) and ragged_cache.start.tolist() == [4, 9, 0, 6]
+    assert ragged_cache.nbytes == model.new_cache(4, 11 + 9).nbytes
+
+
 def test_cache_bytes_shared_constant_in_loops():
     """Shared-mode cache bytes are the same for n_loop 1, 2, 4, 8 and equal 2 (k and v) x layers
     x batch x kv heads x length x head_dim x 4 bytes; loop mode holds n_loop times as much."""
@@ -635,3 +655,36 @@ def test_compiled_decode_step_traces_once_and_matches_eager():
     with torch._dynamo.config.patch(error_on_recompile=True):
         got, _ = decode_greedy(model, prompt, 6, 1.0, compiled)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["loop", "shared"])
+def test_length_buckets_equal_the_whole_cache_and_compile_once_each(cache, monkeypatch):
+    """The fixed-shape decode step reads a power-of-two bucket of keys past the position instead
+    of the whole preallocated cache: its logits equal the whole-cache step's at every position
+    from 60 to 140 (across the buckets 64, 128, 256), and compiled it traces once per bucket
+    touched, then never again (dynamo counted with a counting backend)."""
+    from torch._dynamo.testing import CompileCounter
+    model = tiny_model(cache=cache, n_loop=2, block_size=512)
+    prompt = torch.randint(0, 61, (2, 60), generator=torch.Generator().manual_seed(4))
+    assert [model.key_bucket(n, 512) for n in (1, 64, 65, 129, 400, 600)] == [64, 64, 128, 256, 512, 512]
+
+    def run(step):
+        with torch.no_grad():
+            c = model.new_cache(2, 300)
+            logits, _ = model.prefill(prompt, c)
+            out = []
+            for _ in range(80):
+                logits, _ = step(logits.argmax(-1, keepdim=True), c)
+                out.append(logits)
+        return torch.stack(out)
+
+    whole = run(model.decode_step_fixed(buckets=False))
+    torch.testing.assert_close(run(model.decode_step_fixed()), whole, atol=1e-5, rtol=0)
+    counter, real = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counter, fullgraph=True, dynamic=False))
+    torch._dynamo.reset()
+    step = model.decode_step_fixed(compile=True)
+    torch.testing.assert_close(run(step), whole, atol=1e-5, rtol=0)
+    assert counter.frame_count == 3   # buckets 64, 128, 256
+    run(step)
+    assert counter.frame_count == 3

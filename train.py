@@ -18,14 +18,14 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from config import ConfigError, parse_config, run_cli  # noqa: F401 (distill.py uses them)
-from melt import MELT, MeltConfig, load_checkpoint, load_model
+from melt import MELT, MeltConfig, config_sha, load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -80,6 +80,24 @@ def parse_args(argv, train_cls=TrainConfig):
     return check_train_config(cfg), model_keys
 
 
+def resume_config(cfg):
+    """init_from=resume continues the run as it was configured: the checkpoint's training config,
+    with the keys given on the command line over it (printed, so that a change is seen)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from != "resume" or not os.path.isfile(path):
+        return cfg   # build() says what is missing
+    saved = load_checkpoint(path)["train_config"]
+    given = getattr(cfg, "_given", {f.name for f in fields(cfg)})
+    names = {f.name for f in fields(cfg)} - {"init_from", "out_dir"}
+    new = replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in given})
+    new._given = given
+    changed = {k: getattr(cfg, k) for k in sorted(given & names) if k in saved and saved[k] != getattr(cfg, k)}
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resume: the training config saved in {path}, with from the command line: "
+              + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items()))
+    return check_train_config(new)
+
+
 def check_train_config(cfg):
     """Refuse the values that cannot train, with the key and the fix."""
     for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -115,8 +133,11 @@ class Batches:
     grad_accum=1 see the same data, and a resumed run continues the same sequence."""
 
     def __init__(self, data_dir, meta, block_size, batch_size, grad_accum, rank=0, world=1, seed=0):
-        self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
-                     for s in ("train", "val")}
+        try:
+            self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
+                         for s in ("train", "val")}
+        except ValueError as e:   # a file of odd length, an empty one
+            raise ConfigError(f"the token files of {data_dir} are damaged ({e}): prepare the dataset again") from None
         self.batch_size, self.grad_accum, self.rank, self.world, self.seed = batch_size, grad_accum, rank, world, seed
         self.targets = None
         if meta.get("targets"):
@@ -252,7 +273,8 @@ def save_checkpoint(path, raw_model, optimizer, cfg, step, best_val_loss, extra=
         raise ConfigError(f"weights became non-finite by step {step} ({bad[0]}, {len(bad)} tensors); "
                           f"not saved: the last good checkpoint ({path}, if any) is untouched. Lower lr")
     ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                model_config=asdict(raw_model.config), train_config=asdict(cfg), step=step,
+                model_config=asdict(raw_model.config), model_config_sha=config_sha(asdict(raw_model.config)),
+                train_config=asdict(cfg), step=step,
                 best_val_loss=best_val_loss, data_position=step, rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 **(extra or {}))
@@ -421,7 +443,7 @@ def build(cfg, model_keys, rt):
             os.remove(os.path.join(cfg.out_dir, "log.jsonl"))   # a new run: a new log
     mc = model.config
     check_model_against_data(mc, meta, cfg.dataset, saved_meta)
-    if mc.chunk_size > mc.block_size:
+    if mc.cache == "shared" and mc.chunk_size > mc.block_size:
         raise ConfigError(f"chunk_size={mc.chunk_size} is larger than block_size={mc.block_size}")
     model.to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.device.type)
@@ -463,7 +485,8 @@ class LMObjective(torch.nn.Module):
         out = self.model.run(x, alpha=alpha)
         lm = self.model.loss(out, y)
         parts = {}
-        if self.model.config.loss != "expected_logits":
+        c = self.model.config
+        if c.loss != "last" or c.exit_threshold < 1.0:   # the objective is not the CE of what generation uses
             parts["ce"] = token_ce(self.model.lm_head(out.selected), y).detach()
         if teacher_out is None:
             return lm, parts
@@ -528,9 +551,11 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     """The loop shared by train.py and distill.py: build, then step / eval / checkpoint."""
     from tqdm import tqdm
 
+    cfg = resume_config(cfg)
     rt = Runtime(cfg)
     check_cuda_graph(cfg, rt)
     raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
+    start_step = step
     batches = Batches(data_dir, meta, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
                       cfg.seed)
     objective = objective_cls(raw, cfg)
@@ -576,9 +601,9 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         return rec
 
     raw.train()
-    rec = None
+    rec = None   # the last eval (a resumed run's first step was evaluated and logged before the stop)
     while step < cfg.max_iters:
-        if step % cfg.eval_interval == 0 and (rec is None or rec["step"] != step):
+        if step % cfg.eval_interval == 0 and not (cfg.init_from == "resume" and step == start_step):
             rec = do_eval(step)
             if step > 0 and rt.master:
                 save_checkpoint(ckpt_path, raw, optimizer, cfg, step, best, dict(data_meta=meta))

@@ -76,7 +76,9 @@ def parse_config(argv, train_cls):
         raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(set(ttypes) | set(mtypes))}")
     train = {k: coerce(k, v, ttypes[k]) for k, v in given.items() if k in ttypes}
     model = {k: coerce(k, v, mtypes[k]) for k, v in given.items() if k in mtypes and k not in ttypes}
-    return train_cls(**train), model
+    cfg = train_cls(**train)
+    cfg._given = set(train)   # the keys the user set (init_from=resume keeps the saved ones of the rest)
+    return cfg, model
 
 
 def run_cli(main_fn, prog):

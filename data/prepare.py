@@ -90,6 +90,10 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(chars)}
 
     def encode(self, text):
+        missing = sorted(set(text) - set(self.stoi))
+        if missing:
+            raise ValueError(f"characters {''.join(missing)!r} are not in this character vocabulary "
+                             f"({len(self.chars)} characters)")
         return [self.stoi[c] for c in text]
 
     def decode(self, ids):
@@ -158,9 +162,13 @@ def encode_docs(docs, encode, sep_ids, desc):
     return out
 
 
-def finish(out_dir, meta, train_ids, val_ids):
+def finish(out_dir, meta, train_ids, val_ids, targets=None):
+    """Write both splits, then meta.json (last: its presence says the dataset is whole). targets:
+    (train, val) per-position targets, int16 with -1 where nothing is scored, beside the ids."""
     if meta["vocab_size"] > 65535:
         raise ValueError(f"vocab_size {meta['vocab_size']} does not fit uint16 token files")
+    for split, y in zip(("train", "val"), targets or ()):
+        np.asarray(y, dtype=np.int16).tofile(os.path.join(out_dir, f"{split}_targets.bin"))
     meta["train_tokens"] = write_split(out_dir, "train", train_ids)
     meta["val_tokens"] = write_split(out_dir, "val", val_ids)
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
@@ -270,18 +278,10 @@ def prepare_phop(out_dir, alphabet=4, seq_len=64, hops=(1, 2, 3, 4), n_train=100
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars), targets=True, task="phop",
                 alphabet=alphabet, seq_len=seq_len + 1, hops=hops, seed=seed)
-    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1_000_003)):
-        x, y = phop_rows(n, alphabet, seq_len, hops, s)
-        write_split(out_dir, split, x.reshape(-1))
-        y.astype(np.int16).tofile(os.path.join(out_dir, f"{split}_targets.bin"))
-        meta[f"{split}_rows"] = n
-    meta["train_tokens"], meta["val_tokens"] = n_train * (seq_len + 1), n_val * (seq_len + 1)
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    print(f"wrote {out_dir}: {n_train:,} train / {n_val:,} val rows of {seq_len + 1} tokens, "
-          f"alphabet {alphabet}, hops {hops}")
-    return meta
+    (xt, yt), (xv, yv) = (phop_rows(n, alphabet, seq_len, hops, s)
+                          for n, s in ((n_train, seed), (n_val, seed + 1_000_003)))
+    meta.update(train_rows=n_train, val_rows=n_val)
+    return finish(out_dir, meta, xt.reshape(-1), xv.reshape(-1), targets=(yt.reshape(-1), yv.reshape(-1)))
 
 
 BUILTIN = {

@@ -62,3 +62,22 @@ def test_sample_bad_inputs(tmp_path):
         res = run_sample(f"--init_from={OURO_TINY}", "--device=cpu", *args) if "--init_from" not in args[0] \
             else run_sample("--device=cpu", *args)
         assert res.returncode == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
+
+
+def test_sample_prompts_file_is_one_batch_equal_to_each_alone(tmp_path):
+    """sample.py --prompts=FILE generates every line as one ragged batch; greedy, each completion
+    is the text that prompt gives alone, and the stats line names the batch and its cache."""
+    lines = ["First Citizen:", "All:", "Speak, speak. In 1599"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    common = [f"--init_from={OURO_TINY}", "--max_new_tokens=8", "--temperature=0", "--device=cpu"]
+    batch = run_sample(*common, f"--prompts={tmp_path / 'p.txt'}")
+    assert batch.returncode == 0, batch.stderr
+    texts = [t.strip("\n") for t in batch.stdout.split("-" * 40)[:3]]
+    for line, text in zip(lines, texts):
+        alone = run_sample(*common, f"--start={line}", "--stream=False")
+        assert alone.stdout.split("-" * 40)[0].strip("\n") == text
+    assert batch.stdout.strip().splitlines()[-1].startswith("stats: batch of 3")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    res = run_sample(*common, f"--prompts={empty}")
+    assert res.returncode == 2 and "holds no prompt" in res.stderr

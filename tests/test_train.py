@@ -37,16 +37,25 @@ def test_transition_at_alpha0_reproduces_the_looplm(tiny_data, tmp_path):
     assert model.blocks[0].gate.w_z.weight.abs().sum() > 0
 
 
-def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, capsys):
     """Stopping after 10 steps and resuming to 20 ends with the same weights and loss as 20
-    steps in one go (CPU, same seed)."""
+    steps in one go (CPU, same seed), and the resume needs only --init_from=resume and the new
+    max_iters: dataset, batch size, learning rates and schedule come from the checkpoint's saved
+    training config (a key given again overrides it, and is printed). Every step is logged once."""
     common = ["--cache=shared", "--n_loop=2", "--lr_decay_iters=20", "--eval_interval=5"]
     whole, log_whole = run_train(tiny_data, tmp_path / "a", *common, "--max_iters=20")
     run_train(tiny_data, tmp_path / "b", *common, "--max_iters=10")
-    resumed, log_res = run_train(tiny_data, tmp_path / "b", *common, "--max_iters=20", "--init_from=resume")
-    assert log_res[-1]["val_loss"] == log_whole[-1]["val_loss"]
+    cfg, keys = trainer.parse_args([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=20"])
+    assert cfg.batch_size == trainer.TrainConfig.batch_size   # the defaults, until the checkpoint is read
+    resumed, rec, _ = trainer.train(cfg, keys)
+    assert "resume: the training config saved in" in capsys.readouterr().out   # max_iters 10 -> 20
+    log_res = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert log_res[-1]["val_loss"] == log_whole[-1]["val_loss"] == rec["val_loss"]
+    assert [r["step"] for r in log_res] == [r["step"] for r in log_whole] == [0, 5, 10, 15, 20]
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["train_config"]
+    assert saved["batch_size"] == 8 and saved["lr"] == 0.01 and saved["dataset"] == tiny_data
 
 
 def test_ddp_two_processes_equal_one(tiny_data, tmp_path):

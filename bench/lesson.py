@@ -1,0 +1,312 @@
+"""
+The lesson in one command: on a task where depth matters (p-hop induction, data/prepare.py),
+(1) looping buys accuracy a standard model of the same size lacks, (2) MELT keeps it at the KV
+memory of a standard model after its two post-training phases, (3) zero-shot cache sharing does not.
+
+    python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1      # every row, one seed
+    python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
+    python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed
+
+Each row trains (or only scores) into OUT/<row>/ and is skipped when OUT/<row>/row.json exists, so a
+stopped run continues where it was. Every model sees the same data order; accuracy is exact match
+over the positions with a target, at decode semantics (every earlier token final, as when
+generating), per hop count p. Writes OUT/results.json (a list of rows: model, hops, accuracy,
+kv_bytes_per_token, seed, train_seconds (this row's own training), total_seconds (with the rows it
+continues: phase 2 counts phase 1 and the teacher), n_loops), prints the table, and draws OUT/lesson.png when
+matplotlib is installed.
+
+Rows: standard (L layers x 1 loop), standard_deep (L*R x 1), looplm (L x R, the teacher);
+zero_shot_last / _mean / _first (the teacher with a shared cache, untrained); melt_phase1 and melt
+(the interpolated transition, then attention-aligned distillation); melt_sweeps (the same two
+phases trained with sweeps, i.e. at decode semantics); the ablations melt_no_interp (phase 1
+without the alpha ramp), melt_no_align (phase 2 with beta=0) and melt_scalar_gate; depth at
+inference (looplm_depth, melt_depth: the trained models run at 1..8 loops).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import distill  # noqa: E402
+import train as T  # noqa: E402
+from data.prepare import prepare_phop  # noqa: E402
+from melt import load_model  # noqa: E402
+
+
+@dataclass
+class Setting:
+    alphabet: int = 4           # p-hop symbols
+    seq_len: int = 64           # symbols per row (plus the token that names p)
+    hops: tuple = (1, 2, 3, 4, 5, 6)   # the mixture of p; the largest is "the hardest p"
+    n_train: int = 60_000       # training rows (more than steps x batch: no row is seen twice)
+    n_val: int = 500            # validation rows, scored at decode semantics
+    n_embd: int = 128           # width
+    n_head: int = 4             # heads
+    n_layer: int = 2            # L: layers of the looped stack
+    n_loop: int = 4             # R: loops of the LoopLM and MELT
+    batch_size: int = 32        # rows per step
+    steps: int = 1500           # steps of standard, standard_deep and looplm
+    lr: float = 2e-3            # their peak learning rate
+    phase1_steps: int = 300     # MELT phase 1 (alpha ramps 0 -> 1 over all of it)
+    phase2_steps: int = 200     # MELT phase 2
+    melt_lr: float = 3e-4       # base weights' learning rate in both phases
+    gate_lr: float = 3e-3       # the gates' learning rate in phase 1
+    chunk_size: int = 16        # MELT's training chunks
+    sweeps: int = 1             # melt_sweeps: extra passes per chunk
+    depths: tuple = (1, 2, 3, 4, 5, 6, 8)   # loops at inference for the depth rows
+    eval_interval: int = 500    # steps between train.py's evals (its log), for the base models
+
+
+SETTINGS = {
+    "cpu": Setting(),
+    # one GPU: longer rows, more hops, a wider model; its time is extrapolated, not measured whole
+    "gpu": Setting(alphabet=16, seq_len=256, hops=(1, 2, 3, 4, 5, 6), n_train=400_000, n_val=2_000, n_embd=256,
+                   n_layer=2, n_loop=6, batch_size=64, steps=4000, phase1_steps=600, phase2_steps=400,
+                   chunk_size=32, sweeps=2, eval_interval=1000),
+    # seconds, for the end-to-end test
+    "toy": Setting(alphabet=4, seq_len=12, hops=(1, 2), n_train=400, n_val=40, n_embd=32, n_head=2, n_layer=1,
+                   n_loop=2, batch_size=8, steps=12, phase1_steps=6, phase2_steps=4, chunk_size=4, sweeps=1,
+                   depths=(1, 2, 3), eval_interval=6),
+}
+TRAINED = ("standard", "standard_deep", "looplm", "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps",
+           "melt_no_interp_phase1", "melt_no_interp", "melt_no_align", "melt_scalar_gate_phase1", "melt_scalar_gate")
+SCORED = ("zero_shot_last", "zero_shot_mean", "zero_shot_first", "looplm_depth", "melt_depth")
+ROWS = TRAINED + SCORED
+
+
+def common_args(s, seed, data_dir, out_dir, threads):
+    return [f"--dataset={data_dir}", f"--out_dir={out_dir}", f"--seed={seed}", f"--batch_size={s.batch_size}",
+            f"--block_size={s.seq_len + 1}", "--sample_tokens=0", "--eval_iters=4", "--log_interval=50",
+            f"--threads={threads}", "--overwrite=True", "--device=cpu" if threads else "--device=auto"]
+
+
+def base_args(s, n_layer, n_loop, cache):
+    return [f"--n_layer={n_layer}", f"--n_loop={n_loop}", f"--cache={cache}", f"--n_embd={s.n_embd}",
+            f"--n_head={s.n_head}", "--loss=last", f"--max_iters={s.steps}", f"--lr={s.lr}", f"--min_lr={s.lr / 10}",
+            "--warmup_iters=100" if s.steps >= 400 else f"--warmup_iters={max(1, s.steps // 10)}",
+            f"--eval_interval={s.eval_interval}"]
+
+
+def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
+    n = s.phase1_steps
+    return [f"--init_from={teacher}", "--cache=shared", f"--gate={gate}", f"--chunk_size={s.chunk_size}",
+            f"--sweeps={sweeps}", f"--max_iters={n}", f"--alpha_steps={n if interpolate else 0}", f"--lr={s.melt_lr}",
+            f"--min_lr={s.melt_lr / 10}", f"--gate_lr={s.gate_lr}", f"--warmup_iters={max(1, n // 10)}",
+            f"--eval_interval={n}"]
+
+
+def phase2_args(s, teacher, student, beta=0.1, sweeps=0):
+    n = s.phase2_steps
+    return [f"--teacher={teacher}", f"--init_from={student}", f"--beta={beta}", f"--sweeps={sweeps}",
+            f"--max_iters={n}", f"--lr={s.melt_lr}", f"--min_lr={s.melt_lr / 10}", f"--warmup_iters={max(1, n // 10)}",
+            f"--eval_interval={n}"]
+
+
+def plan(s):
+    """{row: (kind, argument builder, the rows it needs)} for every trained row."""
+    ck = lambda row, out: os.path.join(out, row, "ckpt.pt")
+    L, R = s.n_layer, s.n_loop
+    return {
+        "standard": ("train", lambda out: base_args(s, L, 1, "loop"), ()),
+        "standard_deep": ("train", lambda out: base_args(s, L * R, 1, "loop"), ()),
+        "looplm": ("train", lambda out: base_args(s, L, R, "loop"), ()),
+        "melt_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out)), ("looplm",)),
+        "melt": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_phase1", out)), ("melt_phase1",)),
+        "melt_sweeps_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), sweeps=s.sweeps), ("looplm",)),
+        "melt_sweeps": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_sweeps_phase1", out),
+                                                           sweeps=s.sweeps), ("melt_sweeps_phase1",)),
+        "melt_no_interp_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), interpolate=False), ("looplm",)),
+        "melt_no_interp": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_no_interp_phase1", out)),
+                           ("melt_no_interp_phase1",)),
+        "melt_no_align": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_phase1", out), beta=0.0),
+                          ("melt_phase1",)),
+        "melt_scalar_gate_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), gate="scalar"), ("looplm",)),
+        "melt_scalar_gate": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_scalar_gate_phase1", out)),
+                             ("melt_scalar_gate_phase1",)),
+    }
+
+
+@torch.no_grad()
+def score(model, data_dir, meta, batch_size, device, n_loops=None):
+    """{p: accuracy} over every validation row, at decode semantics."""
+    import numpy as np
+    model.eval().to(device)
+    w = meta["seq_len"]
+    xs = torch.from_numpy(np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64)).view(-1, w)
+    ys = torch.from_numpy(np.fromfile(os.path.join(data_dir, "val_targets.bin"), dtype=np.int16).astype(np.int64)).view(-1, w)
+    total = {p: [0, 0] for p in meta["hops"]}
+    for i in range(0, len(xs), 4 * batch_size):
+        x, y = xs[i:i + 4 * batch_size].to(device), ys[i:i + 4 * batch_size].to(device)
+        for p, (h, n) in T.accuracy_by_hops(model, x, y, meta, n_loops=n_loops).items():
+            total[p][0] += h
+            total[p][1] += n
+    return {p: h / max(n, 1) for p, (h, n) in total.items()}
+
+
+def kv_bytes_per_token(model, n_loops=None):
+    cache = model.new_cache(1, 1, n_loops=n_loops, device="cpu")
+    return cache.nbytes
+
+
+def run(setting, seed, out, rows, threads):
+    s = SETTINGS[setting]
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        prepare_phop(data_dir, alphabet=s.alphabet, seq_len=s.seq_len, hops=s.hops, n_train=s.n_train,
+                     n_val=s.n_val, seed=0)   # the same data for every seed: the seed is the model's
+    meta = T.load_meta(data_dir)
+    device = torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+    steps = plan(s)
+    results = []
+
+    def done(row):
+        path = os.path.join(out, row, "row.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+
+    def ensure(row):
+        """Train (or score) `row` unless its row.json exists; return its list of result rows."""
+        got = done(row)
+        if got is not None:
+            return got
+        for need in steps.get(row, (None, None, ("looplm",) if row in SCORED else ()))[2]:
+            ensure(need)
+        if row == "melt_depth":
+            ensure("melt")
+        row_dir = os.path.join(out, row)
+        os.makedirs(row_dir, exist_ok=True)
+        t0 = time.time()
+        scored = []
+        if row in steps:
+            kind, make, _ = steps[row]
+            argv = common_args(s, seed, data_dir, row_dir, threads) + make(out)
+            print(f"== {row}: {' '.join(argv)}", flush=True)
+            if kind == "train":
+                cfg, keys = T.parse_args(argv)
+                T.train(cfg, keys)
+            else:
+                cfg, keys = T.parse_args(argv, train_cls=distill.DistillConfig)
+                T.train(cfg, keys, objective_cls=distill.DistillObjective, build_fn=distill.build_distill)
+            own = time.time() - t0
+            total = own + sum(done(n)[0]["total_seconds"] for n in steps[row][2])
+            model, _ = load_model(os.path.join(row_dir, "ckpt.pt"))
+            scored.append((row, None, model, own, total))
+        elif row.startswith("zero_shot_"):
+            model, _ = load_model(os.path.join(out, "looplm", "ckpt.pt"), cache="shared", gate=row[len("zero_shot_"):])
+            scored.append((row, None, model, 0.0, done("looplm")[0]["total_seconds"]))
+        else:   # depth at inference
+            src = done(row[:-len("_depth")])[0]
+            model, _ = load_model(os.path.join(out, src["model"], "ckpt.pt"))
+            scored += [(row, d, model, 0.0, src["total_seconds"]) for d in s.depths]
+        rows_out = []
+        for name, n_loops, model, own, total in scored:
+            acc = score(model, data_dir, meta, s.batch_size, device, n_loops)
+            kv = kv_bytes_per_token(model, n_loops)
+            for p, a in acc.items():
+                rows_out.append(dict(model=name, hops=p, accuracy=round(a, 4), kv_bytes_per_token=kv, seed=seed,
+                                     train_seconds=round(own, 1), total_seconds=round(total, 1),
+                                     n_loops=n_loops or model.config.n_loop, setting=setting))
+        with open(os.path.join(row_dir, "row.json.tmp"), "w") as f:
+            json.dump(rows_out, f)
+        os.replace(os.path.join(row_dir, "row.json.tmp"), os.path.join(row_dir, "row.json"))
+        print(table(rows_out), flush=True)
+        return rows_out
+
+    for row in rows:
+        results += ensure(row)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table(results))
+    plot(results, os.path.join(out, "lesson.png"))
+    return results
+
+
+def table(results, seeds=False):
+    """Markdown: a line per model (and depth), a column per p, then KV bytes per token and time."""
+    hops = sorted({r["hops"] for r in results})
+    keyed = {}
+    for r in results:
+        name = r["model"] + (f" @{r['n_loops']}" if r["model"].endswith("_depth") else "")
+        keyed.setdefault(name, {}).setdefault(r["hops"], []).append(r)
+    head = "| model | " + " | ".join(f"p={p}" for p in hops) + " | KV bytes/token | train s |"
+    lines = [head, "|" + "---|" * (len(hops) + 3)]
+    for name, by_p in keyed.items():
+        cells = []
+        for p in hops:
+            accs = [r["accuracy"] for r in by_p.get(p, [])]
+            cells.append("-" if not accs else f"{sum(accs) / len(accs):.3f}" +
+                         (f" (worst {min(accs):.3f})" if seeds and len(accs) > 1 else ""))
+        any_r = next(iter(by_p.values()))
+        secs = [r["train_seconds"] for r in any_r]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {any_r[0]['kv_bytes_per_token']:,} | "
+                     f"{sum(secs) / len(secs):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Accuracy per p for each model, and KV bytes per token beside it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no {path}; pip install matplotlib)")
+        return
+    main = [r for r in results if not r["model"].endswith("_depth")]
+    models = list(dict.fromkeys(r["model"] for r in main))
+    hops = sorted({r["hops"] for r in main})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[3, 1]))
+    w = 0.8 / len(hops)
+    for j, p in enumerate(hops):
+        vals = []
+        for m in models:
+            accs = [r["accuracy"] for r in main if r["model"] == m and r["hops"] == p]
+            vals.append(sum(accs) / len(accs) if accs else 0)
+        ax.bar([i + j * w for i in range(len(models))], vals, w, label=f"p = {p}")
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(models))], models, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy at decode semantics")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("p-hop induction: accuracy per hop count")
+    kv = {m: next(r["kv_bytes_per_token"] for r in main if r["model"] == m) for m in models}
+    bx.barh(list(kv), list(kv.values()), color="gray")
+    bx.invert_yaxis()
+    bx.tick_params(axis="y", labelsize=8)
+    bx.set_xlabel("KV-cache bytes per token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=None, help="default out-lesson/<setting>_s<seed>")
+    ap.add_argument("--rows", default="all", help="comma-separated rows (default: all of them)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (and force the CPU); 0: the GPU if any")
+    ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
+    a = ap.parse_args(argv)
+    if a.report:
+        results = [r for d in a.report for r in json.load(open(os.path.join(d, "results.json")))]
+        print(table(results, seeds=True))
+        plot(results, os.path.join(a.report[0], "lesson_seeds.png"))
+        return
+    rows = list(ROWS) if a.rows == "all" else a.rows.split(",")
+    bad = sorted(set(rows) - set(ROWS))
+    if bad:
+        raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")
+    print(f"setting {a.setting}: {asdict(SETTINGS[a.setting])}")
+    run(a.setting, a.seed, a.out or os.path.join("out-lesson", f"{a.setting}_s{a.seed}"), rows, a.threads)
+
+
+if __name__ == "__main__":
+    T.run_cli(main, "lesson.py")

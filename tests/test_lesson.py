@@ -1,0 +1,33 @@
+"""bench/lesson.py end to end on its toy setting (seconds): every row, resumable."""
+
+import json
+import os
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import lesson  # noqa: E402
+
+
+def test_lesson_toy_writes_every_row_and_resumes(tmp_path):
+    """The toy setting trains and scores every row of one seed; results.json holds each row at
+    every p with its accuracy in [0, 1], and the KV bytes per token are the layouts': MELT and the
+    zero-shot rows hold 1/R of the LoopLM's, the standard model as much as MELT, the deep one L*R
+    layers' worth. A second run finds every row done and returns the same results."""
+    out = str(tmp_path / "toy")
+    first = lesson.run("toy", 3, out, list(lesson.ROWS), threads=1)
+    s = lesson.SETTINGS["toy"]
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved == first
+    main_rows = {(r["model"], r["hops"]) for r in saved if not r["model"].endswith("_depth")}
+    assert main_rows == {(m, p) for m in lesson.ROWS if not m.endswith("_depth") for p in s.hops}
+    depth = {(r["model"], r["n_loops"]) for r in saved if r["model"].endswith("_depth")}
+    assert depth == {(m, d) for m in ("looplm_depth", "melt_depth") for d in s.depths}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["seed"] == 3 for r in saved)
+    kv = {r["model"]: r["kv_bytes_per_token"] for r in saved if not r["model"].endswith("_depth")}
+    assert kv["looplm"] == s.n_loop * kv["melt"] == s.n_loop * kv["standard"] == s.n_loop * kv["zero_shot_last"]
+    assert kv["standard_deep"] == kv["looplm"] and kv["melt_sweeps"] == kv["melt"]
+    assert next(r for r in saved if r["model"] == "melt")["total_seconds"] > \
+        next(r for r in saved if r["model"] == "looplm")["total_seconds"]
+    assert lesson.run("toy", 3, out, list(lesson.ROWS), threads=1) == first
