@@ -24,7 +24,7 @@ Where things live (search for the tags):
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -871,6 +871,8 @@ class MELT(nn.Module):
         buckets=False reads the whole preallocated cache at every position (one shape)."""
         fn = self._decode_one_token
         cuda_graphs = compile and self.lm_head.weight.is_cuda
+        if compile:   # one graph per (model, batch size, bucket): more than dynamo's default 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if cuda_graphs:
             fn = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
         elif compile:
@@ -1186,10 +1188,6 @@ def load_ouro_tokenizer(path):
     if not os.path.isfile(fp):
         raise MeltError(f"{path!r} has no tokenizer.json")
     return Tokenizer.from_file(fp)
-
-
-def config_dict(config):
-    return asdict(config)
 
 
 def config_sha(model_config):

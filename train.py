@@ -487,7 +487,8 @@ class LMObjective(torch.nn.Module):
         parts = {}
         c = self.model.config
         if c.loss != "last" or c.exit_threshold < 1.0:   # the objective is not the CE of what generation uses
-            parts["ce"] = token_ce(self.model.lm_head(out.selected), y).detach()
+            with torch.no_grad():
+                parts["ce"] = token_ce(self.model.lm_head(out.selected), y)
         if teacher_out is None:
             return lm, parts
         kd = kd_loss(self.model.lm_head(out.hidden[-1]), teacher_out, self.cfg.kd_temperature, y)

@@ -5,7 +5,7 @@ memory of a standard model after its two post-training phases, (3) zero-shot cac
 
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1      # every row, one seed
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
-    python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed
+    python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed, rows done so far
 
 Each row trains (or only scores) into OUT/<row>/ and is skipped when OUT/<row>/row.json exists, so a
 stopped run continues where it was. Every model sees the same data order; accuracy is exact match
@@ -233,24 +233,25 @@ def run(setting, seed, out, rows, threads):
 
 
 def table(results, seeds=False):
-    """Markdown: a line per model (and depth), a column per p, then KV bytes per token and time."""
+    """Markdown: a line per model (and depth), a column per p, then KV bytes per token and the row's
+    own training seconds; with seeds=True the mean over seeds, the worst seed in brackets."""
     hops = sorted({r["hops"] for r in results})
     keyed = {}
     for r in results:
         name = r["model"] + (f" @{r['n_loops']}" if r["model"].endswith("_depth") else "")
         keyed.setdefault(name, {}).setdefault(r["hops"], []).append(r)
-    head = "| model | " + " | ".join(f"p={p}" for p in hops) + " | KV bytes/token | train s |"
-    lines = [head, "|" + "---|" * (len(hops) + 3)]
+    head = "| model | " + " | ".join(f"p={p}" for p in hops) + " | KV bytes/token | train s |" + (" seeds |" if seeds else "")
+    lines = [head, "|" + "---|" * (len(hops) + 3 + seeds)]
     for name, by_p in keyed.items():
         cells = []
         for p in hops:
             accs = [r["accuracy"] for r in by_p.get(p, [])]
             cells.append("-" if not accs else f"{sum(accs) / len(accs):.3f}" +
-                         (f" (worst {min(accs):.3f})" if seeds and len(accs) > 1 else ""))
+                         (f" ({min(accs):.3f})" if seeds and len(accs) > 1 else ""))
         any_r = next(iter(by_p.values()))
         secs = [r["train_seconds"] for r in any_r]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {any_r[0]['kv_bytes_per_token']:,} | "
-                     f"{sum(secs) / len(secs):.0f} |")
+                     f"{sum(secs) / len(secs):.0f} |" + (f" {len(any_r)} |" if seeds else ""))
     return "\n".join(lines)
 
 
@@ -299,7 +300,8 @@ def main(argv):
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
     a = ap.parse_args(argv)
     if a.report:
-        results = [r for d in a.report for r in json.load(open(os.path.join(d, "results.json")))]
+        results = [r for d in a.report for row in ROWS if os.path.exists(os.path.join(d, row, "row.json"))
+                   for r in json.load(open(os.path.join(d, row, "row.json")))]   # every row done so far
         print(table(results, seeds=True))
         plot(results, os.path.join(a.report[0], "lesson_seeds.png"))
         return

@@ -178,7 +178,7 @@ def test_graphed_step_feeds_the_recording_what_the_eager_step_computes(monkeypat
             loss.backward()
             losses.append(loss.detach())
             grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
-        assert torch.equal(*losses) and set(parts) == {"lm", "kd"}
+        assert torch.equal(*losses) and set(parts) == {"ce", "lm", "kd"}   # ce: the objective is not a CE of the chosen logits
         for a, b in zip(*grads):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     assert recorded == [(1.0, 3)]   # once, at alpha=1, with (x, y, teacher outputs)
