@@ -162,7 +162,7 @@ class DistillObjective(torch.nn.Module):
 def main(argv):
     cfg, model_keys = T.parse_args(argv, train_cls=DistillConfig)
     student, rec, _ = T.train(cfg, model_keys, objective_cls=DistillObjective, build_fn=build_distill)
-    print(f"final: student {T.final_line(rec)}, teacher val CE {rec['teacher_val_ce']:.4f}, "
+    print(f"final: student val CE {rec['val_ce']:.4f}, teacher val CE {rec['teacher_val_ce']:.4f}, "
           f"val KD {rec['val_kd']:.4f}, val alignment {rec['val_align']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}")
 
