@@ -86,7 +86,10 @@ def resume_config(cfg):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume" or not os.path.isfile(path):
         return cfg   # build() says what is missing
-    saved = load_checkpoint(path)["train_config"]
+    try:   # memory-mapped: only the small train_config is read here; build() loads the weights once
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_config"]
+    except Exception:
+        saved = load_checkpoint(path)["train_config"]   # says what is wrong with the file
     given = getattr(cfg, "_given", {f.name for f in fields(cfg)})
     names = {f.name for f in fields(cfg)} - {"init_from", "out_dir"}
     new = replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in given})
