@@ -76,6 +76,9 @@ def build_distill(cfg, model_keys, rt):
     data_dir = T.ensure_dataset(cfg.dataset)
     meta = T.load_meta(data_dir)
     teacher = load_teacher(cfg.teacher, rt.device, rt.dtype)
+    if cfg.kd_loops == "all" and teacher.config.loss == "last" and rt.master:
+        print("note: the teacher was trained on its last loop only (loss=last), so its earlier loops' logits "
+              "are not predictions; --kd_loops=last distils what it learned (kd_loops=all: RESULTS.md, the lesson)")
     if os.path.isdir(cfg.teacher) and meta.get("tokenizer") != "hf":
         raise T.ConfigError(f"dataset {cfg.dataset!r} was not tokenized with the teacher's tokenizer.json: "
                             f"prepare it with data/prepare.py --tokenizer={cfg.teacher}")

@@ -60,6 +60,7 @@ class MeltConfig:
     ema_rate: float = 0.2            # gate="ema": weight of the new loop, s = (1-rate)*s + rate*x
     chunk_size: int = 64             # shared mode: tokens per chunk in training and prefill
     sweeps: int = 0                  # shared mode: extra passes per chunk towards decode semantics (THE SWEEPS)
+    sweeps_grad: str = "all"         # THE SWEEPS in training: "all" passes in the graph, or "last" (earlier ones without gradient)
     exit_threshold: float = 1.0      # the loop whose logits are "the" logits: first with cum. exit prob >= this
     loss: str = "expected_logits"    # training loss, one of LOSSES
     entropy_weight: float = 0.05     # loss="expected_loss": beta of the entropy bonus on the exit distribution
@@ -85,6 +86,7 @@ class MeltConfig:
         need(self.sweeps >= 0, f"sweeps={self.sweeps} must be >= 0")
         need(self.sweeps == 0 or self.cache == "shared",
              f"sweeps={self.sweeps} needs cache='shared' (a loop cache has no chunks to sweep)")
+        need(self.sweeps_grad in ("all", "last"), f"sweeps_grad={self.sweeps_grad!r}, expected 'all' or 'last'")
         need(self.cache in CACHE_LAYOUTS, f"cache={self.cache!r}, expected one of {CACHE_LAYOUTS}")
         need(self.gate in GATES, f"gate={self.gate!r}, expected one of {GATES}")
         need(self.loss in LOSSES, f"loss={self.loss!r}, expected one of {LOSSES}")
@@ -677,7 +679,10 @@ class MELT(nn.Module):
         times; in each, a token reads its earlier in-chunk neighbours' final rows from the pass
         before (and its own current row), so after pass j the chunk's first j+1 tokens are exact
         and sweeps >= c-1 is decode semantics exactly: a Jacobi iteration, every token in
-        parallel. Gradients flow through every pass."""
+        parallel. With sweeps_grad="all" gradients flow through every pass, so a token's loss
+        trains the rows its in-chunk neighbours wrote for it; "last" runs the passes before the
+        last without gradient (a forward only, cheaper), and those rows then train only through
+        the tokens' own losses and later chunks."""
         B, c, _ = h.shape
         if ck is None:
             ck = self._chunk(store, c, alpha, layout, n_loops, h.device, h.dtype)
@@ -687,7 +692,9 @@ class MELT(nn.Module):
                 ck = self._chunk(store, c, alpha, layout, n_loops, h.device, h.dtype, sweep=True)
             if j > 0:
                 ck.prev = {(ck.shared_slot, l): store.chunk_rows(ck.shared_slot, l) for l in range(len(self.blocks))}
-            res = self._loops(h, ck, n_loops, layout, threshold, collect_attn)
+            detached = j < sweeps and self.config.sweeps_grad == "last"
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+                res = self._loops(h, ck, n_loops, layout, threshold, collect_attn)
         store.end_chunk(c)
         return res
 

@@ -366,6 +366,22 @@ def test_sweep_gradients_reach_the_rows_later_tokens_read():
         assert first_pass_final.grad[0, 0].abs().sum() > 0
 
 
+def test_detached_sweeps_same_forward_no_gradient_through_earlier_passes():
+    """sweeps_grad="last" computes the same forward as "all" (bit for bit), but a loss on the last
+    token of a one-chunk sequence no longer reaches the first token's embedding: in the last pass
+    it reads the first token only through the previous pass's rows, which carry no gradient."""
+    idx = torch.tensor([[1, 2, 3, 4]])
+    grads = {}
+    for mode in ("all", "last"):
+        model = tiny_model(cache="shared", gate="learned", chunk_size=4, n_loop=2, sweeps=1, sweeps_grad=mode).train()
+        out = model.run(idx)
+        model.lm_head(out.hidden[-1][:, 3]).sum().backward()
+        grads[mode] = (out.hidden.detach(), model.tok_emb.weight.grad[1].abs().sum())
+    assert torch.equal(grads["all"][0], grads["last"][0])
+    assert grads["all"][1] > 0
+    assert grads["last"][1] == 0
+
+
 def test_sweeps_bad_input():
     """sweeps < 0 and sweeps with a loop cache are refused with a one-line error."""
     with pytest.raises(MeltError, match="sweeps=-1 must be >= 0"):
@@ -374,6 +390,8 @@ def test_sweeps_bad_input():
         MeltConfig(cache="loop", sweeps=2)
     with pytest.raises(MeltError, match="sweeps=-1"):
         tiny_model(cache="shared").run(torch.zeros(1, 4, dtype=torch.long), sweeps=-1)
+    with pytest.raises(MeltError, match="sweeps_grad='some'"):
+        MeltConfig(cache="shared", sweeps=1, sweeps_grad="some")
 
 # ---------------------------------------------------------------------------------------------
 # caches and generation

@@ -5,6 +5,13 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
     python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length, eager and compiled
     python bench/decode_speed.py --profile       # where the compiled (fixed-shape) decode step of each layout spends its time
+    python bench/decode_speed.py --reference=DIR # the Ouro reference (its remote code in DIR) beside ours, same weights
+
+--reference=DIR: DIR holds Ouro's remote modeling code (configuration_ouro.py, modeling_ouro.py);
+it runs through transformers, which melt does not depend on (install it in a separate venv: the
+message says how). The reference is built at the bench config with random weights and saved as an
+Ouro directory; the LoopLM and MELT are read from that directory by MELT.from_ouro, so all three
+run the same weights, and the LoopLM's greedy tokens are checked equal to the reference's.
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
@@ -20,9 +27,11 @@ every mode, and the table gives the median tok/s and medians of per-round ratios
 in the same mode, and to the same model eager): a ratio compares runs seconds apart.
 """
 
+import importlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -111,6 +120,92 @@ def profile_step(model, tokens=20):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+INSTALL_REFERENCE = """--reference needs transformers (melt does not depend on it). In a separate venv:
+    python -m venv .venv-ref && .venv-ref/bin/pip install torch==2.13.0 transformers==4.57.6 safetensors
+    .venv-ref/bin/python bench/decode_speed.py --reference=DIR
+(4.57.6 is the version Ouro's cache code is known to run with.)"""
+
+
+def reference_models(ref_dir, tmp):
+    """(the reference OuroForCausalLM, our LoopLM, our MELT) on the same random weights at the
+    bench config: the reference is built from ref_dir's code, saved into tmp as an Ouro directory,
+    and ours are read from it by MELT.from_ouro (the loading path users take)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit(INSTALL_REFERENCE) from None
+    ref_dir = os.path.abspath(ref_dir)
+    if not os.path.isfile(os.path.join(ref_dir, "modeling_ouro.py")):
+        raise SystemExit(f"--reference={ref_dir}: no modeling_ouro.py there")
+    sys.path.insert(0, os.path.dirname(ref_dir))   # the code imports itself as a package (relative imports)
+    pkg = os.path.basename(ref_dir)
+    OuroConfig = importlib.import_module(f"{pkg}.configuration_ouro").OuroConfig
+    OuroForCausalLM = importlib.import_module(f"{pkg}.modeling_ouro").OuroForCausalLM
+    c = MeltConfig(**CONFIG)
+    hf = OuroConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                    head_dim=c.head_dim, total_ut_steps=c.n_loop, max_position_embeddings=c.block_size,
+                    rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
+                    early_exit_threshold=1.0, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+                    attn_implementation="sdpa")
+    torch.manual_seed(0)
+    ref = OuroForCausalLM(hf).eval()
+    ref.save_pretrained(tmp, safe_serialization=True)
+    looplm = MELT.from_ouro(tmp, block_size=CONFIG["block_size"]).eval()
+    melt = MELT.from_ouro(tmp, cache="shared", block_size=CONFIG["block_size"], chunk_size=CONFIG["chunk_size"]).eval()
+    return ref, looplm, melt
+
+
+def reference_rate(ref, prompt_len, new_tokens):
+    """The reference's decode tokens/s: generate(use_cache=True), greedy, timed for new_tokens and
+    for 1 new token, so that the prefill and the first token cancel out; and its tokens."""
+    idx = torch.randint(0, ref.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=False, use_cache=True, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        ref.generate(idx, max_new_tokens=1, **{**kw, "min_new_tokens": 1})
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        out = ref.generate(idx, max_new_tokens=new_tokens, **kw)
+        many = time.perf_counter() - t
+    return (new_tokens - 1) / (many - one), out[0, prompt_len:]
+
+
+def reference_table(ref_dir, compile=True, n_rounds=5):
+    """The reference beside our LoopLM and MELT (eager, and the compiled fixed-shape step), same
+    weights, 64-token prompt, 256 new tokens; in each round every model runs once in every mode,
+    and "x the reference" is the median of per-round ratios."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, looplm, melt = reference_models(ref_dir, tmp)
+    _, ref_tokens = reference_rate(ref, 64, 256)
+    idx = torch.randint(0, ref.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    ours = looplm.generate(idx, 256, temperature=0)[0, 64:]
+    same = int((ours == ref_tokens).sum())
+    print(f"greedy tokens, reference vs our LoopLM on the same weights: {same} of 256 equal", flush=True)
+    models = {"LoopLM": looplm, "MELT": melt}
+    modes = {"eager": {}}
+    if compile:
+        modes["compiled, fixed shapes"] = {n: m.decode_step_fixed(compile=True) for n, m in models.items()}
+        for n, m in models.items():
+            decode_rate(m, 64, 256, modes["compiled, fixed shapes"][n])   # compiles, at the cache length timed
+    ref_r, r = [], {(mode, n): [] for mode in modes for n in models}
+    for _ in range(n_rounds):
+        ref_r.append(reference_rate(ref, 64, 256)[0])
+        for mode, steps in modes.items():
+            for n, m in models.items():
+                r[mode, n].append(decode_rate(m, 64, 256, steps.get(n)))
+    print(f"\ntorch {torch.__version__}, transformers {importlib.import_module('transformers').__version__}, "
+          f"{torch.get_num_threads()} threads, float32, batch 1, 64-token prompt, 256 new tokens, {n_rounds} rounds")
+    print("\n| model | mode | decode tok/s (median) | range | x the reference (median of per-round ratios, range) |"
+          "\n|---|---|---|---|---|")
+    print(f"| reference (Ouro remote code, transformers) | generate(use_cache=True) | {statistics.median(ref_r):.1f} | "
+          f"{min(ref_r):.0f}-{max(ref_r):.0f} | 1 |")
+    for (mode, n), rates in r.items():
+        x = [a / b for a, b in zip(rates, ref_r)]
+        print(f"| {n} | {mode} | {statistics.median(rates):.1f} | {min(rates):.0f}-{max(rates):.0f} | "
+              f"{statistics.median(x):.2f} ({min(x):.2f}-{max(x):.2f}) |", flush=True)
+
+
 def rounds(models, modes, rounds=5):
     """tok/s per (mode, model name), one list entry per round; in each round every model runs
     once in every mode, so any two entries of a round were measured seconds apart."""
@@ -158,6 +253,10 @@ def contexts_table(looplm, melt, contexts=(64, 512, 1024, 2048, 4096), compile=T
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    ref = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--reference=")]
+    if ref:
+        reference_table(ref[0], compile="--no-compile" not in sys.argv)
+        return
     models = {name: MELT(MeltConfig(**CONFIG, **kw)).eval() for name, kw in MODELS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           + ", ".join(f"{name}: {m.num_params(False) / 1e6:.2f}M parameters" for name, m in models.items()))

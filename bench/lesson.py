@@ -18,9 +18,12 @@ matplotlib is installed.
 Rows: standard (L layers x 1 loop), standard_deep (L*R x 1), looplm (L x R, the teacher);
 zero_shot_last / _mean / _first (the teacher with a shared cache, untrained); melt_phase1 and melt
 (the interpolated transition, then attention-aligned distillation); melt_sweeps (the same two
-phases trained with sweeps, i.e. at decode semantics); the ablations melt_no_interp (phase 1
-without the alpha ramp), melt_no_align (phase 2 with beta=0) and melt_scalar_gate; depth at
-inference (looplm_depth, melt_depth: the trained models run at 1..8 loops).
+phases trained with sweeps, i.e. at decode semantics); the ablations of the melt_sweeps recipe,
+melt_no_interp_phase1 (phase 1 without the alpha ramp) and melt_scalar_gate_phase1 (compared with
+melt_sweeps_phase1), melt_no_align (phase 2 with beta=0, compared with melt_sweeps); depth at
+inference (looplm_depth, melt_depth: the LoopLM and melt_sweeps run at 1..8 loops). Not in
+--rows=all (CPU time), by name only: melt_no_interp and melt_scalar_gate, those phase-1 ablations
+carried through phase 2.
 """
 
 import argparse
@@ -58,11 +61,18 @@ class Setting:
     alpha_steps: int = 150      # phase 1's alpha ramps 0 -> 1 over these steps, then stays 1
     phase2_steps: int = 300     # MELT phase 2
     melt_lr: float = 1e-3       # base weights' learning rate in both phases
+    kd_loops: str = "last"      # phase 2 distils the teacher's last loop only: trained with loss=last, its
+                                # earlier loops' logits are not predictions (kd_loops=all, the paper's, for
+                                # Ouro's every-exit training, cost 10 points at p = 6: RESULTS.md)
     gate_lr: float = 1e-2       # the gates' learning rate in phase 1
     chunk_size: int = 16        # MELT's training chunks
     sweeps: int = 1             # melt_sweeps: extra passes per chunk
+    sweeps_grad: str = "all"    # melt_sweeps: "all" passes in the graph, or "last" (MeltConfig.sweeps_grad)
     depths: tuple = (1, 2, 3, 4, 5, 6, 8)   # loops at inference for the depth rows
     eval_interval: int = 500    # steps between train.py's evals (its log), for the base models
+    compile: bool = True        # the base models' training step under torch.compile (about 2x on a CPU at
+                                # this size, ~1 min to compile); MELT's phases stay eager (their chunked
+                                # graph took ~9 min to compile, and phase 1's alpha changes every step)
 
 
 SETTINGS = {
@@ -74,14 +84,16 @@ SETTINGS = {
     # seconds, for the end-to-end test
     "toy": Setting(alphabet=4, seq_len=12, hops=(1, 2), n_train=400, n_val=40, n_embd=32, n_head=2, n_layer=1,
                    n_loop=2, batch_size=8, steps=12, phase1_steps=6, alpha_steps=3, phase2_steps=4, chunk_size=4, sweeps=1,
-                   depths=(1, 2, 3), eval_interval=6),
+                   depths=(1, 2, 3), eval_interval=6, compile=False),
 }
 CORE = ("standard", "standard_deep", "looplm", "zero_shot_last", "zero_shot_mean", "zero_shot_first",
         "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps")   # what the claims rest on (--rows=core)
 TRAINED = ("standard", "standard_deep", "looplm", "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps",
-           "melt_no_interp_phase1", "melt_no_interp", "melt_no_align", "melt_scalar_gate_phase1", "melt_scalar_gate")
+           "melt_no_interp_phase1", "melt_no_align", "melt_scalar_gate_phase1")
 SCORED = ("zero_shot_last", "zero_shot_mean", "zero_shot_first", "looplm_depth", "melt_depth")
-ROWS = TRAINED + SCORED
+ALL = TRAINED + SCORED                          # --rows=all: the lesson, within the CPU budget
+EXTRA = ("melt_no_interp", "melt_scalar_gate")  # the phase-1 ablations carried through phase 2 (by name only)
+ROWS = ALL + EXTRA
 
 
 def common_args(s, seed, data_dir, out_dir, threads):
@@ -94,13 +106,13 @@ def base_args(s, n_layer, n_loop, cache):
     return [f"--n_layer={n_layer}", f"--n_loop={n_loop}", f"--cache={cache}", f"--n_embd={s.n_embd}",
             f"--n_head={s.n_head}", "--loss=last", f"--max_iters={s.steps}", f"--lr={s.lr}", f"--min_lr={s.lr / 10}",
             "--warmup_iters=100" if s.steps >= 400 else f"--warmup_iters={max(1, s.steps // 10)}",
-            f"--eval_interval={s.eval_interval}"]
+            f"--eval_interval={s.eval_interval}", f"--compile={s.compile}"]
 
 
 def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
     n = s.phase1_steps
     return [f"--init_from={teacher}", "--cache=shared", f"--gate={gate}", f"--chunk_size={s.chunk_size}",
-            f"--sweeps={sweeps}", f"--max_iters={n}", f"--alpha_steps={s.alpha_steps if interpolate else 0}", f"--lr={s.melt_lr}",
+            f"--sweeps={sweeps}", f"--sweeps_grad={s.sweeps_grad}", f"--max_iters={n}", f"--alpha_steps={s.alpha_steps if interpolate else 0}", f"--lr={s.melt_lr}",
             f"--min_lr={s.melt_lr / 10}", f"--gate_lr={s.gate_lr}", f"--warmup_iters={max(1, n // 10)}",
             f"--eval_interval={n}"]
 
@@ -108,14 +120,16 @@ def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
 def phase2_args(s, teacher, student, beta=0.1, sweeps=0):
     n = s.phase2_steps
     return [f"--teacher={teacher}", f"--init_from={student}", f"--beta={beta}", f"--sweeps={sweeps}",
-            f"--max_iters={n}", f"--lr={s.melt_lr}", f"--min_lr={s.melt_lr / 10}", f"--warmup_iters={max(1, n // 10)}",
+            f"--kd_loops={s.kd_loops}", f"--max_iters={n}", f"--lr={s.melt_lr}", f"--min_lr={s.melt_lr / 10}", f"--warmup_iters={max(1, n // 10)}",
             f"--eval_interval={n}"]
 
 
 def plan(s):
-    """{row: (kind, argument builder, the rows it needs)} for every trained row."""
+    """{row: (kind, argument builder, the rows it needs)} for every trained row. The ablations change
+    one thing of the better recipe (melt_sweeps): the phase-1 ones (no interpolation, scalar gate)
+    are compared with melt_sweeps_phase1 at the end of phase 1, no alignment with melt_sweeps."""
     ck = lambda row, out: os.path.join(out, row, "ckpt.pt")
-    L, R = s.n_layer, s.n_loop
+    L, R, k = s.n_layer, s.n_loop, s.sweeps
     return {
         "standard": ("train", lambda out: base_args(s, L, 1, "loop"), ()),
         "standard_deep": ("train", lambda out: base_args(s, L * R, 1, "loop"), ()),
@@ -125,14 +139,16 @@ def plan(s):
         "melt_sweeps_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), sweeps=s.sweeps), ("looplm",)),
         "melt_sweeps": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_sweeps_phase1", out),
                                                            sweeps=s.sweeps), ("melt_sweeps_phase1",)),
-        "melt_no_interp_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), interpolate=False), ("looplm",)),
-        "melt_no_interp": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_no_interp_phase1", out)),
-                           ("melt_no_interp_phase1",)),
-        "melt_no_align": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_phase1", out), beta=0.0),
-                          ("melt_phase1",)),
-        "melt_scalar_gate_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), gate="scalar"), ("looplm",)),
-        "melt_scalar_gate": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_scalar_gate_phase1", out)),
-                             ("melt_scalar_gate_phase1",)),
+        "melt_no_interp_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), interpolate=False, sweeps=k),
+                                  ("looplm",)),
+        "melt_no_interp": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_no_interp_phase1", out),
+                                                              sweeps=k), ("melt_no_interp_phase1",)),
+        "melt_no_align": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_sweeps_phase1", out),
+                                                             beta=0.0, sweeps=k), ("melt_sweeps_phase1",)),
+        "melt_scalar_gate_phase1": ("train", lambda out: phase1_args(s, ck("looplm", out), gate="scalar", sweeps=k),
+                                    ("looplm",)),
+        "melt_scalar_gate": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_scalar_gate_phase1", out),
+                                                                sweeps=k), ("melt_scalar_gate_phase1",)),
     }
 
 
@@ -183,7 +199,7 @@ def run(setting, seed, out, rows, threads):
         for need in steps.get(row, (None, None, ("looplm",) if row in SCORED else ()))[2]:
             ensure(need)
         if row == "melt_depth":
-            ensure("melt")
+            ensure("melt_sweeps")
         row_dir = os.path.join(out, row)
         os.makedirs(row_dir, exist_ok=True)
         t0 = time.time()
@@ -206,7 +222,7 @@ def run(setting, seed, out, rows, threads):
             model, _ = load_model(os.path.join(out, "looplm", "ckpt.pt"), cache="shared", gate=row[len("zero_shot_"):])
             scored.append((row, None, model, 0.0, done("looplm")[0]["total_seconds"]))
         else:   # depth at inference
-            src = done(row[:-len("_depth")])[0]
+            src = done({"looplm_depth": "looplm", "melt_depth": "melt_sweeps"}[row])[0]
             model, _ = load_model(os.path.join(out, src["model"], "ckpt.pt"))
             scored += [(row, d, model, 0.0, src["total_seconds"]) for d in s.depths]
         rows_out = []
@@ -295,7 +311,8 @@ def main(argv):
     ap.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None, help="default out-lesson/<setting>_s<seed>")
-    ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows) or 'all'")
+    ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows) or 'all' "
+                    "(every row but " + ", ".join(EXTRA) + ")")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (and force the CPU); 0: the GPU if any")
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
     a = ap.parse_args(argv)
@@ -305,7 +322,7 @@ def main(argv):
         print(table(results, seeds=True))
         plot(results, os.path.join(a.report[0], "lesson_seeds.png"))
         return
-    rows = list(ROWS) if a.rows == "all" else list(CORE) if a.rows == "core" else a.rows.split(",")
+    rows = list(ALL) if a.rows == "all" else list(CORE) if a.rows == "core" else a.rows.split(",")
     bad = sorted(set(rows) - set(ROWS))
     if bad:
         raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")
