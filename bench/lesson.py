@@ -70,9 +70,6 @@ class Setting:
     sweeps_grad: str = "all"    # melt_sweeps: "all" passes in the graph, or "last" (MeltConfig.sweeps_grad)
     depths: tuple = (1, 2, 3, 4, 5, 6, 8)   # loops at inference for the depth rows
     eval_interval: int = 500    # steps between train.py's evals (its log), for the base models
-    compile: bool = True        # the base models' training step under torch.compile (about 2x on a CPU at
-                                # this size, ~1 min to compile); MELT's phases stay eager (their chunked
-                                # graph took ~9 min to compile, and phase 1's alpha changes every step)
 
 
 SETTINGS = {
@@ -84,7 +81,7 @@ SETTINGS = {
     # seconds, for the end-to-end test
     "toy": Setting(alphabet=4, seq_len=12, hops=(1, 2), n_train=400, n_val=40, n_embd=32, n_head=2, n_layer=1,
                    n_loop=2, batch_size=8, steps=12, phase1_steps=6, alpha_steps=3, phase2_steps=4, chunk_size=4, sweeps=1,
-                   depths=(1, 2, 3), eval_interval=6, compile=False),
+                   depths=(1, 2, 3), eval_interval=6),
 }
 CORE = ("standard", "standard_deep", "looplm", "zero_shot_last", "zero_shot_mean", "zero_shot_first",
         "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps")   # what the claims rest on (--rows=core)
@@ -106,7 +103,7 @@ def base_args(s, n_layer, n_loop, cache):
     return [f"--n_layer={n_layer}", f"--n_loop={n_loop}", f"--cache={cache}", f"--n_embd={s.n_embd}",
             f"--n_head={s.n_head}", "--loss=last", f"--max_iters={s.steps}", f"--lr={s.lr}", f"--min_lr={s.lr / 10}",
             "--warmup_iters=100" if s.steps >= 400 else f"--warmup_iters={max(1, s.steps // 10)}",
-            f"--eval_interval={s.eval_interval}", f"--compile={s.compile}"]
+            f"--eval_interval={s.eval_interval}"]
 
 
 def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
