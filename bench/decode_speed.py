@@ -4,6 +4,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py                 # headline: eager and compiled, every model
     python bench/decode_speed.py --no-compile    # eager only (no ~1 min compile per model)
     python bench/decode_speed.py --contexts      # table 2: decode tok/s versus context length, eager and compiled
+    python bench/decode_speed.py --contexts=64,2048   # the same at some lengths only
     python bench/decode_speed.py --profile       # where the compiled (fixed-shape) decode step of each layout spends its time
     python bench/decode_speed.py --reference=DIR # the Ouro reference (its remote code in DIR) beside ours, same weights
 
@@ -28,6 +29,7 @@ in the same mode, and to the same model eager): a ratio compares runs seconds ap
 """
 
 import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -130,10 +132,8 @@ def reference_models(ref_dir, tmp):
     """(the reference OuroForCausalLM, our LoopLM, our MELT) on the same random weights at the
     bench config: the reference is built from ref_dir's code, saved into tmp as an Ouro directory,
     and ours are read from it by MELT.from_ouro (the loading path users take)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise SystemExit(INSTALL_REFERENCE) from None
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit(INSTALL_REFERENCE)
     ref_dir = os.path.abspath(ref_dir)
     if not os.path.isfile(os.path.join(ref_dir, "modeling_ouro.py")):
         raise SystemExit(f"--reference={ref_dir}: no modeling_ouro.py there")
@@ -265,8 +265,10 @@ def main():
             print(f"\n=== {name}")
             profile_step(models[name])
         return
-    if "--contexts" in sys.argv:
-        contexts_table(models["LoopLM"], models["MELT"], compile="--no-compile" not in sys.argv)
+    ctx = [a for a in sys.argv if a.startswith("--contexts")]
+    if ctx:   # --contexts, or --contexts=64,2048 for some lengths only
+        lengths = [int(n) for n in ctx[0].split("=", 1)[1].split(",")] if "=" in ctx[0] else (64, 512, 1024, 2048, 4096)
+        contexts_table(models["LoopLM"], models["MELT"], lengths, compile="--no-compile" not in sys.argv)
         return
     for name, m in models.items():
         print(f"{name}: its matrix-vector products alone run at {matvec_ceiling(m):.0f} tok/s", flush=True)
