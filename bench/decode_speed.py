@@ -189,11 +189,11 @@ def reference_table(ref_dir, compile=True, n_rounds=5):
         for n, m in models.items():
             decode_rate(m, 64, 256, modes["compiled, fixed shapes"][n])   # compiles, at the cache length timed
     ref_r, r = [], {(mode, n): [] for mode in modes for n in models}
-    for _ in range(n_rounds):
+    for _ in range(n_rounds):   # the reference, then one round of ours (rounds()), seconds apart
         ref_r.append(reference_rate(ref, 64, 256)[0])
-        for mode, steps in modes.items():
-            for n, m in models.items():
-                r[mode, n].append(decode_rate(m, 64, 256, steps.get(n)))
+        for mode, by_name in rounds(models, modes, rounds=1).items():
+            for n, rates in by_name.items():
+                r[mode, n] += rates
     print(f"\ntorch {torch.__version__}, transformers {importlib.import_module('transformers').__version__}, "
           f"{torch.get_num_threads()} threads, float32, batch 1, 64-token prompt, 256 new tokens, {n_rounds} rounds")
     print("\n| model | mode | decode tok/s (median) | range | x the reference (median of per-round ratios, range) |"
