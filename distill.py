@@ -7,7 +7,8 @@ MELT's phase 2: attention-aligned distillation from a frozen looped teacher.
 The loss, per micro-batch (MELT paper, Sec. 4):
     L = kd_weight * L_KD + beta * mean_{l,t} ||o_student(l,t) - sg(o_teacher(l,t))||^2 + lm_weight * L_LM
 o(l,t) is the attention output (after o_proj) of layer l at loop t, for every token; ||.||^2 sums
-over the width and is averaged over tokens. L_KD is KL(teacher || student) at kd_temperature,
+over the width (align_reduce="sum", the paper's notation) or averages over it ("mean"), and is
+averaged over tokens. L_KD is KL(teacher || student) at kd_temperature,
 averaged over all loops (kd_loops="all") or on the last loop only (kd_loops="last", the ablation).
 beta=0 is the ablation without attention alignment.
 
@@ -32,6 +33,9 @@ class DistillConfig(T.TrainConfig):
     init_from: str = "teacher"           # a phase-1 checkpoint, "teacher" (convert the teacher), or "resume"
     teacher: str = ""                    # an Ouro directory or a LoopLM checkpoint .pt of this project
     beta: float = 0.1                    # weight of the attention alignment (the paper: 0.1; 0 = ablation)
+    align_reduce: str = "sum"            # over the width: "sum" (the paper's ||.||^2) or "mean"; the paper
+                                         # does not give the scale of o, and at width 128 the sum at beta 0.1
+                                         # outweighs the KD term ~20:1 (RESULTS.md, the lesson)
     kd_weight: float = 1.0               # weight of the KD term
     kd_loops: str = "all"                # "all": KD on every loop's logits (the paper); "last": last loop only
     lm_weight: float = 0.0               # optional LM cross-entropy on the data
@@ -71,6 +75,8 @@ def build_distill(cfg, model_keys, rt):
     """(student, optimizer, start step, best val, teacher, data dir, meta)."""
     if cfg.beta < 0:
         raise T.ConfigError(f"beta={cfg.beta} must be >= 0")
+    if cfg.align_reduce not in ("sum", "mean"):
+        raise T.ConfigError(f"align_reduce={cfg.align_reduce!r}: use sum or mean")
     if cfg.kd_loops not in ("all", "last"):
         raise T.ConfigError(f"kd_loops={cfg.kd_loops!r}: use all or last")
     data_dir = T.ensure_dataset(cfg.dataset)
@@ -130,7 +136,8 @@ class DistillObjective(torch.nn.Module):
         kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature, y)
                           for r in range(s_logits.shape[0])]).mean()
         s_attn = torch.stack([torch.stack(a) for a in out.attn])                    # (R, L, B, T, C)
-        align = (s_attn.float() - t["attn"].float()).pow(2).sum(-1).mean()
+        sq = (s_attn.float() - t["attn"].float()).pow(2)
+        align = (sq.sum(-1) if cfg.align_reduce == "sum" else sq.mean(-1)).mean()
         loss = cfg.kd_weight * kd + cfg.beta * align
         parts = {"kd": kd.detach(), "align": align.detach()}
         if cfg.lm_weight:

@@ -10,6 +10,8 @@ at once, one cache per loop) and as MELT at several chunk sizes, measured side b
 each, K sweeps with gradients through every pass (sweeps_grad=all) and through the last only.
 
 Each number: forward + backward + AdamW step, median of `--steps` timed steps after 2 warm-ups.
+The models take turns, one step each per round, so every ratio compares steps seconds apart (run
+one after another, the same step drifted by 1.5x on a 2-core VM: RESULTS.md).
 """
 
 import os
@@ -42,15 +44,14 @@ def main(argv):
                       dict(cache="shared", chunk_size=c, sweeps=sweeps, sweeps_grad=g))
                      for g, what in (("all", "every pass"), ("last", "the last pass only"))]
     print(f"{device}, batch {B} x {T} tokens, {base}")
-    print("\n| model | chunks per sequence | train tok/s | vs LoopLM |\n|---|---|---|---|")
-    ref = None
+    x = torch.randint(0, base["vocab_size"], (B, T), device=device)
+    built = []
     for name, kw in runs:
         torch.manual_seed(0)
         model = MELT(MeltConfig(**base, **kw)).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, base["vocab_size"], (B, T), device=device)
-        times = []
-        for i in range(steps + 2):
+        built.append((name, kw, model, torch.optim.AdamW(model.parameters(), lr=1e-3), []))
+    for i in range(steps + 2):   # rounds: one step of every model
+        for name, kw, model, opt, times in built:
             t = time.perf_counter()
             _, loss = model(x, x)
             loss.backward()
@@ -60,6 +61,9 @@ def main(argv):
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t)
+    print("\n| model | chunks per sequence | train tok/s | vs LoopLM |\n|---|---|---|---|")
+    ref = None
+    for name, kw, _, _, times in built:
         rate = B * T / statistics.median(times)
         ref = ref or rate
         chunks = 1 if kw["cache"] == "loop" else -(-T // kw["chunk_size"])   # ceil(T / c)

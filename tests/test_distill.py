@@ -47,13 +47,43 @@ def test_distill_terms_vanish_for_a_student_identical_to_the_teacher(ouro_data):
     assert parts["kd"].abs().item() < 1e-6 and parts["align"].item() == 0.0
 
 
+def test_alignment_term_sums_or_averages_the_squared_difference_over_the_width(ouro_data):
+    """The alignment term is the squared difference of student and teacher attention outputs,
+    summed over the width (align_reduce=sum, the paper's ||.||^2) or averaged over it (mean),
+    then averaged over loops, layers and tokens: checked against a loop over each (loop, layer)."""
+    teacher = MELT.from_ouro(OURO_TINY).eval()
+    student = MELT.from_ouro(OURO_TINY).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = load_reference()["input_ids"]
+    with torch.no_grad():
+        s_out, t_out = student.run(x, collect_attn=True), teacher.run(x, collect_attn=True)
+    diffs = [(s_out.attn[r][l].double() - t_out.attn[r][l].double()) ** 2
+             for r in range(len(s_out.attn)) for l in range(len(s_out.attn[0]))]   # each (B, T, C)
+    width, tokens = diffs[0].shape[-1], diffs[0].numel() // diffs[0].shape[-1]
+    expect = {"sum": sum(d.sum().item() for d in diffs) / (len(diffs) * tokens)}
+    expect["mean"] = expect["sum"] / width
+    for reduce in ("sum", "mean"):
+        cfg, _ = trainer.parse_args([f"--teacher={OURO_TINY}", f"--align_reduce={reduce}"],
+                                    train_cls=distill.DistillConfig)
+        obj = distill.DistillObjective(student, cfg)
+        with torch.no_grad():
+            _, parts = obj(x, x, 1.0, obj.teacher_outputs(teacher, x))
+        assert expect[reduce] > 0
+        assert abs(parts["align"].item() - expect[reduce]) < 1e-4 * expect[reduce]
+
+
 def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
-    """Missing teacher directory, beta < 0, a loop-mode student, a student whose shapes differ
+    """Missing teacher directory, beta < 0, an unknown align_reduce, a loop-mode student, a student whose shapes differ
     from the teacher's, and data not tokenized with the Ouro tokenizer are refused clearly."""
     with pytest.raises(trainer.ConfigError, match="does not exist"):
         run_distill(ouro_data, tmp_path, "--teacher=/nonexistent/ouro")
     with pytest.raises(trainer.ConfigError, match="beta=-0.1 must be >= 0"):
         run_distill(ouro_data, tmp_path, "--beta=-0.1")
+    with pytest.raises(trainer.ConfigError, match="align_reduce='max': use sum or mean"):
+        run_distill(ouro_data, tmp_path, "--align_reduce=max")
     with pytest.raises(trainer.ConfigError, match="student is in loop mode"):
         run_distill(ouro_data, tmp_path, "--cache=loop")
     with pytest.raises(trainer.ConfigError, match="not tokenized with the teacher's tokenizer"):
