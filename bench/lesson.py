@@ -6,6 +6,7 @@ memory of a standard model after its two post-training phases, (3) zero-shot cac
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1      # every row, one seed
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
     python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed, rows done so far
+    python bench/lesson.py --seed=1 --out=out-lesson/long --set phase2_steps=600   # an ablation of the setting
 
 Each row trains (or only scores) into OUT/<row>/ and is skipped when OUT/<row>/row.json exists, so a
 stopped run continues where it was. Every model sees the same data order; accuracy is exact match
@@ -31,7 +32,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -63,7 +64,7 @@ class Setting:
     melt_lr: float = 1e-3       # base weights' learning rate in phase 1
     phase2_lr: float = 2e-3     # and in phase 2 (1e-3 left seed 3 3 points lower: RESULTS.md)
     align_reduce: str = "mean"  # phase 2's alignment averaged over the width (distill.py); the sum, the paper's
-                                # ||.||^2, outweighs the KD term ~20:1 at beta 0.1 and cost 4-9 points at p = 6
+                                # ||.||^2, outweighs the KD term ~20:1 at beta 0.1 and cost 4-8 points at p = 6
     kd_loops: str = "last"      # phase 2 distils the teacher's last loop only: trained with loss=last, its
                                 # earlier loops' logits are not predictions (kd_loops=all, the paper's, for
                                 # Ouro's every-exit training, cost 6 points at p = 6 in 2 seeds of 3: RESULTS.md)
@@ -94,6 +95,22 @@ SCORED = ("zero_shot_last", "zero_shot_mean", "zero_shot_first", "looplm_depth",
 ALL = TRAINED + SCORED                          # --rows=all: the lesson, within the CPU budget
 EXTRA = ("melt_no_interp", "melt_scalar_gate")  # the phase-1 ablations carried through phase 2 (by name only)
 ROWS = ALL + EXTRA
+
+
+def with_sets(s, sets):
+    """The Setting s with FIELD=VALUE overrides (--set), each VALUE read as its field's type
+    (a tuple: comma-separated ints)."""
+    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    changes = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise T.ConfigError(f"--set {item!r}: use FIELD=VALUE with FIELD one of {', '.join(types)}")
+        try:
+            changes[key] = tuple(int(v) for v in value.split(",")) if types[key] is tuple else types[key](value)
+        except ValueError:
+            raise T.ConfigError(f"--set {item!r}: {value!r} is not of type {types[key].__name__}") from None
+    return replace(s, **changes)
 
 
 def common_args(s, seed, data_dir, out_dir, threads):
@@ -174,8 +191,9 @@ def kv_bytes_per_token(model, n_loops=None):
     return cache.nbytes
 
 
-def run(setting, seed, out, rows, threads):
-    s = SETTINGS[setting]
+def run(setting, seed, out, rows, threads, sets=()):
+    s = with_sets(SETTINGS[setting], sets)
+    label = setting + "".join(f" {x}" for x in sets)   # each row says what it ran with
     if threads:
         torch.set_num_threads(threads)
     data_dir = os.path.join(out, "data")
@@ -232,7 +250,7 @@ def run(setting, seed, out, rows, threads):
             for p, a in acc.items():
                 rows_out.append(dict(model=name, hops=p, accuracy=round(a, 4), kv_bytes_per_token=kv, seed=seed,
                                      train_seconds=round(own, 1), total_seconds=round(total, 1),
-                                     n_loops=n_loops or model.config.n_loop, setting=setting))
+                                     n_loops=n_loops or model.config.n_loop, setting=label))
         with open(os.path.join(row_dir, "row.json.tmp"), "w") as f:
             json.dump(rows_out, f)
         os.replace(os.path.join(row_dir, "row.json.tmp"), os.path.join(row_dir, "row.json"))
@@ -314,6 +332,8 @@ def main(argv):
     ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows) or 'all' "
                     "(every row but " + ", ".join(EXTRA) + ")")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (and force the CPU); 0: the GPU if any")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a field of the setting (repeatable), e.g. --set phase2_steps=600")
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
     a = ap.parse_args(argv)
     if a.report:
@@ -326,8 +346,8 @@ def main(argv):
     bad = sorted(set(rows) - set(ROWS))
     if bad:
         raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")
-    print(f"setting {a.setting}: {asdict(SETTINGS[a.setting])}")
-    run(a.setting, a.seed, a.out or os.path.join("out-lesson", f"{a.setting}_s{a.seed}"), rows, a.threads)
+    print(f"setting {a.setting}: {asdict(with_sets(SETTINGS[a.setting], a.set))}")
+    run(a.setting, a.seed, a.out or os.path.join("out-lesson", f"{a.setting}_s{a.seed}"), rows, a.threads, a.set)
 
 
 if __name__ == "__main__":

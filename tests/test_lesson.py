@@ -1,9 +1,12 @@
-"""bench/lesson.py end to end on its toy setting (seconds): every row, resumable."""
+"""bench/lesson.py end to end on its toy setting (seconds): every row, resumable; --set."""
 
 import json
 import os
 import sys
 
+import pytest
+
+import train as T
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -31,3 +34,17 @@ def test_lesson_toy_writes_every_row_and_resumes(tmp_path):
     assert next(r for r in saved if r["model"] == "melt")["total_seconds"] > \
         next(r for r in saved if r["model"] == "looplm")["total_seconds"]
     assert lesson.run("toy", 3, out, list(lesson.ROWS), threads=1) == first
+
+
+def test_set_overrides_fields_with_their_types_and_refuses_unknown_ones():
+    """--set FIELD=VALUE replaces one field of the setting, the value read as the field's type
+    (ints, floats, strings, comma-separated tuples); the other fields stay; an unknown field or a
+    value of the wrong type is a one-line error."""
+    toy = lesson.SETTINGS["toy"]
+    s = lesson.with_sets(toy, ["phase2_steps=7", "phase2_lr=0.25", "align_reduce=sum", "hops=1,3"])
+    assert (s.phase2_steps, s.phase2_lr, s.align_reduce, s.hops) == (7, 0.25, "sum", (1, 3))
+    assert s.steps == toy.steps and s.melt_lr == toy.melt_lr and toy.phase2_steps != 7
+    with pytest.raises(T.ConfigError, match="--set 'phase3_steps=2': use FIELD=VALUE"):
+        lesson.with_sets(toy, ["phase3_steps=2"])
+    with pytest.raises(T.ConfigError, match="'many' is not of type int"):
+        lesson.with_sets(toy, ["steps=many"])
