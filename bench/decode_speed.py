@@ -156,10 +156,15 @@ def reference_models(ref_dir, tmp):
     return ref, looplm, melt
 
 
+def reference_prompt(vocab_size, prompt_len):
+    """The prompt the reference is timed on, and ours compared on: (1, prompt_len), seed 0."""
+    return torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+
+
 def reference_rate(ref, prompt_len, new_tokens):
     """The reference's decode tokens/s: generate(use_cache=True), greedy, timed for new_tokens and
     for 1 new token, so that the prefill and the first token cancel out; and its tokens."""
-    idx = torch.randint(0, ref.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    idx = reference_prompt(ref.config.vocab_size, prompt_len)
     kw = dict(do_sample=False, use_cache=True, min_new_tokens=new_tokens, pad_token_id=0)
     with torch.inference_mode():
         t = time.perf_counter()
@@ -178,8 +183,7 @@ def reference_table(ref_dir, compile=True, n_rounds=5):
     with tempfile.TemporaryDirectory() as tmp:
         ref, looplm, melt = reference_models(ref_dir, tmp)
     _, ref_tokens = reference_rate(ref, 64, 256)
-    idx = torch.randint(0, ref.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    ours = looplm.generate(idx, 256, temperature=0)[0, 64:]
+    ours = looplm.generate(reference_prompt(ref.config.vocab_size, 64), 256, temperature=0)[0, 64:]
     same = int((ours == ref_tokens).sum())
     print(f"greedy tokens, reference vs our LoopLM on the same weights: {same} of 256 equal", flush=True)
     models = {"LoopLM": looplm, "MELT": melt}

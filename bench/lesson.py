@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import distill  # noqa: E402
 import train as T  # noqa: E402
+from config import coerce  # noqa: E402
 from data.prepare import prepare_phop  # noqa: E402
 from melt import load_model  # noqa: E402
 
@@ -98,17 +99,18 @@ ROWS = ALL + EXTRA
 
 
 def with_sets(s, sets):
-    """The Setting s with FIELD=VALUE overrides (--set), each VALUE read as its field's type
-    (a tuple: comma-separated ints)."""
-    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    """The Setting s with FIELD=VALUE overrides (--set), each VALUE read as its field's type by the
+    scripts' own reader (config.coerce; a tuple: comma-separated ints)."""
+    types = {f.name: f.type for f in fields(s)}
     changes = {}
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq or key not in types:
             raise T.ConfigError(f"--set {item!r}: use FIELD=VALUE with FIELD one of {', '.join(types)}")
         try:
-            changes[key] = tuple(int(v) for v in value.split(",")) if types[key] is tuple else types[key](value)
-        except ValueError:
+            typ = types[key]
+            changes[key] = tuple(int(v) for v in value.split(",")) if typ is tuple else coerce(key, value, typ)
+        except (ValueError, T.ConfigError):
             raise T.ConfigError(f"--set {item!r}: {value!r} is not of type {types[key].__name__}") from None
     return replace(s, **changes)
 
@@ -194,6 +196,7 @@ def kv_bytes_per_token(model, n_loops=None):
 def run(setting, seed, out, rows, threads, sets=()):
     s = with_sets(SETTINGS[setting], sets)
     label = setting + "".join(f" {x}" for x in sets)   # each row says what it ran with
+    print(f"setting {label}: {asdict(s)}", flush=True)
     if threads:
         torch.set_num_threads(threads)
     data_dir = os.path.join(out, "data")
@@ -346,7 +349,6 @@ def main(argv):
     bad = sorted(set(rows) - set(ROWS))
     if bad:
         raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")
-    print(f"setting {a.setting}: {asdict(with_sets(SETTINGS[a.setting], a.set))}")
     run(a.setting, a.seed, a.out or os.path.join("out-lesson", f"{a.setting}_s{a.seed}"), rows, a.threads, a.set)
 
 
