@@ -48,3 +48,18 @@ def test_set_overrides_fields_with_their_types_and_refuses_unknown_ones():
         lesson.with_sets(toy, ["phase3_steps=2"])
     with pytest.raises(T.ConfigError, match="'many' is not of type int"):
         lesson.with_sets(toy, ["steps=many"])
+
+
+def test_rows_run_side_by_side_give_the_rows_run_one_after_another(tmp_path):
+    """--jobs=2 trains rows in their own processes, two at a time, each as soon as the rows it
+    continues are done: every row it writes has the accuracy, KV bytes and setting of the same
+    row trained in this process one after another (both at 1 thread), and the rows continued
+    (looplm, melt_sweeps_phase1) are trained on the way."""
+    rows = ["standard", "melt_sweeps", "zero_shot_last"]
+    one = lesson.run("toy", 2, str(tmp_path / "one"), rows, threads=1)
+    two = lesson.run_parallel("toy", 2, str(tmp_path / "two"), rows, threads=2, sets=(), jobs=2)
+    key = lambda r: (r["model"], r["hops"], r["accuracy"], r["kv_bytes_per_token"], r["setting"])
+    assert [key(r) for r in two] == [key(r) for r in one]
+    for row in ("looplm", "melt_sweeps_phase1", "standard", "melt_sweeps"):
+        assert os.path.exists(tmp_path / "two" / row / "row.json")
+        assert os.path.exists(tmp_path / "two" / row / "lesson.log")
