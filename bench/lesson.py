@@ -192,12 +192,14 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     if not os.path.exists(os.path.join(data_dir, "meta.json")):   # once, before the processes read it
         prepare_phop(data_dir, alphabet=s.alphabet, seq_len=s.seq_len, hops=s.hops, n_train=s.n_train,
                      n_val=s.n_val, seed=0)
-    todo, stack = set(), [r for r in rows]
-    while stack:   # the trained rows asked for and every row they continue
-        r = stack.pop()
-        if r in steps and r not in todo:
-            todo.add(r)
-        stack += [n for n in needs(r, steps) if n not in todo]
+    todo = set()
+
+    def want(r):   # the trained rows asked for, and every row they continue
+        todo.update([r] if r in steps else [])
+        for n in needs(r, steps):
+            want(n)
+    for r in rows:
+        want(r)
     done = lambda r: os.path.exists(os.path.join(out, r, "row.json"))
     waiting = lambda r: sum(r in needs(o, steps) for o in todo)   # rows that continue r
     todo = sorted((r for r in todo if not done(r)), key=lambda r: (-waiting(r), ROWS.index(r)))
