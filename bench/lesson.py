@@ -6,12 +6,12 @@ memory of a standard model after its two post-training phases, (3) zero-shot cac
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1      # every row, one seed
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
     python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed, rows done so far
-    python bench/lesson.py --seed=1 --out=out-lesson/long --set phase2_steps=600   # an ablation of the setting
+    python bench/lesson.py --seed=1 --out=out-lesson/long --set phase2_steps=300   # an ablation of the setting
 
 Each row trains (or only scores) into OUT/<row>/ and is skipped when OUT/<row>/row.json exists, so a
 stopped run continues where it was. On a CPU the trained rows run two at a time, each in its own
-process at half the threads (--jobs, default 2 on a CPU, 1 on a GPU): faster on 2 cores. Every model sees the same data order; accuracy is exact match
-over the positions with a target, at decode semantics (every earlier token final, as when
+process at half the threads (--jobs, default 2 on a CPU, 1 on a GPU). Every model sees the same
+data order; accuracy is exact match over the positions with a target, at decode semantics (every earlier token final, as when
 generating), per hop count p. Writes OUT/results.json (a list of rows: model, hops, accuracy,
 kv_bytes_per_token, seed, train_seconds (this row's own training), total_seconds (with the rows it
 continues: phase 2 counts phase 1 and the teacher), n_loops), prints the table, and draws OUT/lesson.png when
@@ -172,6 +172,15 @@ def plan(s):
     }
 
 
+def ensure_data(s, out):
+    """OUT/data, the setting's p-hop dataset, generated unless it is there; its path."""
+    data_dir = os.path.join(out, "data")
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        prepare_phop(data_dir, alphabet=s.alphabet, seq_len=s.seq_len, hops=s.hops, n_train=s.n_train,
+                     n_val=s.n_val, seed=0)   # the same data for every seed: the seed is the model's
+    return data_dir
+
+
 def needs(row, steps):
     """The rows `row` continues (trained rows) or scores (the zero-shot and depth rows)."""
     if row in steps:
@@ -183,15 +192,13 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     """Train the trained rows among `rows` (and the rows they continue) `jobs` at a time, each in
     its own process (`lesson.py --rows=ROW`, its output in OUT/ROW/lesson.log) with threads/jobs
     threads, as soon as the rows it continues are done; then run() scores the rest and writes the
-    table. Why: at the CPU setting's small shapes two 1-thread processes side by side do 1.2-1.5x
-    the work of one 2-thread process (RESULTS.md). Rows that others wait for start first."""
+    table. Why: at the CPU setting's small shapes two 1-thread processes side by side do more work
+    than one 2-thread process (a whole seed 1.11x faster on 2 cores: RESULTS.md). Rows that others
+    wait for start first."""
     import subprocess
     s = with_sets(SETTINGS[setting], sets)
     steps = plan(s)
-    data_dir = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):   # once, before the processes read it
-        prepare_phop(data_dir, alphabet=s.alphabet, seq_len=s.seq_len, hops=s.hops, n_train=s.n_train,
-                     n_val=s.n_val, seed=0)
+    ensure_data(s, out)   # once, before the processes read it
     todo = set()
 
     def want(r):   # the trained rows asked for, and every row they continue
@@ -210,8 +217,8 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
         for r in [r for r in todo if all(done(n) for n in needs(r, steps))][:jobs - len(running)]:
             todo.remove(r)
             os.makedirs(os.path.join(out, r), exist_ok=True)
-            argv = [sys.executable, os.path.abspath(__file__), f"--setting={setting}", f"--seed={seed}",
-                    f"--out={out}", f"--rows={r}", f"--threads={per_job if on_cpu else 0}", "--jobs=1"] + [f"--set={x}" for x in sets]
+            argv = [sys.executable, os.path.abspath(__file__), f"--setting={setting}", f"--seed={seed}", f"--out={out}",
+                    f"--rows={r}", f"--threads={per_job if on_cpu else 0}", "--jobs=1"] + [f"--set={x}" for x in sets]
             log = open(os.path.join(out, r, "lesson.log"), "w")
             running[r] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
             print(f"== {r}: started (log {log.name})", flush=True)
@@ -257,10 +264,7 @@ def run(setting, seed, out, rows, threads, sets=()):
     print(f"setting {label}: {asdict(s)}", flush=True)
     if threads:
         torch.set_num_threads(threads)
-    data_dir = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        prepare_phop(data_dir, alphabet=s.alphabet, seq_len=s.seq_len, hops=s.hops, n_train=s.n_train,
-                     n_val=s.n_val, seed=0)   # the same data for every seed: the seed is the model's
+    data_dir = ensure_data(s, out)
     meta = T.load_meta(data_dir)
     device = torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
     steps = plan(s)
@@ -394,7 +398,7 @@ def main(argv):
     ap.add_argument("--jobs", type=int, default=0, help="trained rows run side by side, each in its own process "
                     "with threads/jobs threads; 0: 2 on a CPU, 1 on a GPU")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a field of the setting (repeatable), e.g. --set phase2_steps=600")
+                    help="override a field of the setting (repeatable), e.g. --set phase2_steps=300")
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
     a = ap.parse_args(argv)
     if a.report:
