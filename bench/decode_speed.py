@@ -102,10 +102,16 @@ def matvec_ceiling(model, repeats=100):
 
 def profile_step(model, tokens=20):
     """torch.profiler's tables for `tokens` one-token decode steps after a 64-token prompt, eager
-    then compiled, with the number of tensor ops the eager step launches per token."""
+    then compiled, with the number of tensor ops the eager step launches per token. The compiled
+    step is built with inductor's kernel profile on, so its table lists each generated kernel
+    (cpp_fused_*) and each call out of them (aoti_torch_*: the attention) instead of one opaque
+    call, and a last line splits a token's time between those two and the rest. The cache is
+    64 + 2 * tokens long, one key bucket: nothing recompiles while profiled."""
+    import torch._inductor.config as inductor_config
     from torch.profiler import profile
-    compiled = model.decode_step_fixed(compile=True)
-    decode_rate(model, 64, 2 * tokens, compiled)   # compiles, for the cache length profiled below
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):   # read when the step compiles
+        compiled = model.decode_step_fixed(compile=True)
+        decode_rate(model, 64, 2 * tokens, compiled)   # compiles, for the cache length profiled below
     idx = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     for name, step in (("eager", model.prefill), ("compiled", compiled)):
         with torch.inference_mode():
@@ -119,7 +125,14 @@ def profile_step(model, tokens=20):
         ops = sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
         launched = f", {ops / tokens:.0f} top-level tensor ops per token" if name == "eager" else ""
         print(f"\n{name}: {tokens} decode steps{launched}; per-token time = total / {tokens}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        if name == "compiled":
+            events = prof.key_averages()
+            us = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / tokens
+            total, kernels = us(lambda k: True), us(lambda k: "cpp_fused" in k)
+            calls = us(lambda k: k.startswith("aoti_torch"))
+            print(f"compiled step, per token: {total:.0f} us = generated kernels {kernels:.0f} us "
+                  f"+ calls out of them (attention) {calls:.0f} us + the rest {total - kernels - calls:.0f} us")
 
 
 INSTALL_REFERENCE = """--reference needs transformers (melt does not depend on it). In a separate venv:

@@ -7,6 +7,7 @@ memory of a standard model after its two post-training phases, (3) zero-shot cac
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
     python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed, rows done so far
     python bench/lesson.py --seed=1 --out=out-lesson/long --set phase2_steps=300   # an ablation of the setting
+    python bench/lesson.py --seed=1 --out=out-lesson/s1 --score my_run/ckpt.pt   # a checkpoint of your own
 
 Each row trains (or only scores) into OUT/<row>/ and is skipped when OUT/<row>/row.json exists, so a
 stopped run continues where it was. On a CPU the trained rows run two at a time, each in its own
@@ -253,6 +254,24 @@ def score(model, data_dir, meta, batch_size, device, n_loops=None):
     return {p: h / max(n, 1) for p, (h, n) in total.items()}
 
 
+def score_checkpoints(setting, seed, out, paths, threads, sets=()):
+    """--score: {path: {p: accuracy}} of checkpoints of your own (e.g. train.py or distill.py run
+    with --dataset=OUT/data, an ablation the rows lack) on the setting's validation rows, scored as
+    the rows are (every row, at decode semantics). OUT/data is made for the setting and seed if absent."""
+    s = with_sets(SETTINGS[setting], sets)
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir = ensure_data(s, out)
+    meta = T.load_meta(data_dir)
+    device = torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+    got = {}
+    for path in paths:
+        model, _ = load_model(path)
+        got[path] = score(model, data_dir, meta, s.batch_size, device)
+        print(f"{path}: " + "  ".join(f"p={p} {a:.3f}" for p, a in got[path].items()), flush=True)
+    return got
+
+
 def kv_bytes_per_token(model, n_loops=None):
     cache = model.new_cache(1, 1, n_loops=n_loops, device="cpu")
     return cache.nbytes
@@ -400,6 +419,8 @@ def main(argv):
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of the setting (repeatable), e.g. --set phase2_steps=300")
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
+    ap.add_argument("--score", nargs="+", metavar="CKPT", help="score these checkpoints on OUT/data's validation "
+                    "rows (made for --setting and --seed if absent) at decode semantics, per p")
     a = ap.parse_args(argv)
     if a.report:
         results = [r for d in a.report for row in ROWS if os.path.exists(os.path.join(d, row, "row.json"))
@@ -412,6 +433,9 @@ def main(argv):
     if bad:
         raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")
     out = a.out or os.path.join("out-lesson", f"{a.setting}_s{a.seed}")
+    if a.score:
+        score_checkpoints(a.setting, a.seed, out, a.score, a.threads, a.set)
+        return
     jobs = a.jobs or (1 if torch.cuda.is_available() and not a.threads else 2)
     if jobs > 1:
         run_parallel(a.setting, a.seed, out, rows, a.threads, a.set, jobs)

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import train as T
 from conftest import ROOT
@@ -63,3 +64,37 @@ def test_rows_run_side_by_side_give_the_rows_run_one_after_another(tmp_path):
     for row in ("looplm", "melt_sweeps_phase1", "standard", "melt_sweeps"):
         assert os.path.exists(tmp_path / "two" / row / "row.json")
         assert os.path.exists(tmp_path / "two" / row / "lesson.log")
+
+
+def test_score_gives_the_accuracy_of_decoding_token_by_token(tmp_path, capsys):
+    """--score CKPT scores a checkpoint of one's own on OUT/data's validation rows, per p: the
+    accuracy equals greedy prediction token by token through a KV cache (a prefill of one token
+    at a time, every earlier token final), counted here at every position with a target and split
+    by the p each row's first token names. The command line prints the same numbers."""
+    import numpy as np
+
+    from melt import load_model
+    out = str(tmp_path / "toy")
+    lesson.run("toy", 3, out, ["melt_sweeps_phase1"], threads=1)   # a MELT model (and its teacher)
+    ckpt = os.path.join(out, "melt_sweeps_phase1", "ckpt.pt")
+    got = lesson.score_checkpoints("toy", 3, out, [ckpt], threads=1)[ckpt]
+    data_dir = os.path.join(out, "data")
+    meta = T.load_meta(data_dir)
+    w = meta["seq_len"]
+    xs = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64).reshape(-1, w)
+    ys = np.fromfile(os.path.join(data_dir, "val_targets.bin"), dtype=np.int16).astype(np.int64).reshape(-1, w)
+    model, _ = load_model(ckpt)
+    model.eval()
+    hits, seen = {p: 0 for p in meta["hops"]}, {p: 0 for p in meta["hops"]}
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            p = int(x[0]) - meta["alphabet"] + 1
+            cache = model.new_cache(1, w)
+            for t in range(w):
+                logits, _ = model.prefill(torch.tensor([[x[t]]]), cache)
+                if y[t] != -1:
+                    seen[p] += 1
+                    hits[p] += int(logits.argmax(-1)) == y[t]
+    assert all(seen.values()) and got == {p: hits[p] / seen[p] for p in meta["hops"]}
+    lesson.main(["--setting=toy", "--seed=3", f"--out={out}", "--threads=1", "--score", ckpt])
+    assert capsys.readouterr().out.strip().endswith("  ".join(f"p={p} {a:.3f}" for p, a in got.items()))
