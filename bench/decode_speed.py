@@ -125,9 +125,9 @@ def profile_step(model, tokens=20):
         ops = sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
         launched = f", {ops / tokens:.0f} top-level tensor ops per token" if name == "eager" else ""
         print(f"\n{name}: {tokens} decode steps{launched}; per-token time = total / {tokens}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         if name == "compiled":
-            events = prof.key_averages()
             us = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / tokens
             total, kernels = us(lambda k: True), us(lambda k: "cpp_fused" in k)
             calls = us(lambda k: k.startswith("aoti_torch"))

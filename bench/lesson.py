@@ -182,6 +182,15 @@ def ensure_data(s, out):
     return data_dir
 
 
+def setup(s, out, threads):
+    """(OUT/data, its meta, the device) for scoring or training in this process; threads > 0
+    forces the CPU at that many threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir = ensure_data(s, out)
+    return data_dir, T.load_meta(data_dir), torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+
+
 def needs(row, steps):
     """The rows `row` continues (trained rows) or scores (the zero-shot and depth rows)."""
     if row in steps:
@@ -259,11 +268,7 @@ def score_checkpoints(setting, seed, out, paths, threads, sets=()):
     with --dataset=OUT/data, an ablation the rows lack) on the setting's validation rows, scored as
     the rows are (every row, at decode semantics). OUT/data is made for the setting and seed if absent."""
     s = with_sets(SETTINGS[setting], sets)
-    if threads:
-        torch.set_num_threads(threads)
-    data_dir = ensure_data(s, out)
-    meta = T.load_meta(data_dir)
-    device = torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+    data_dir, meta, device = setup(s, out, threads)
     got = {}
     for path in paths:
         model, _ = load_model(path)
@@ -281,11 +286,7 @@ def run(setting, seed, out, rows, threads, sets=()):
     s = with_sets(SETTINGS[setting], sets)
     label = setting + "".join(f" {x}" for x in sets)   # each row says what it ran with
     print(f"setting {label}: {asdict(s)}", flush=True)
-    if threads:
-        torch.set_num_threads(threads)
-    data_dir = ensure_data(s, out)
-    meta = T.load_meta(data_dir)
-    device = torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+    data_dir, meta, device = setup(s, out, threads)
     steps = plan(s)
     results = []
 
