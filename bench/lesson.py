@@ -198,13 +198,36 @@ def needs(row, steps):
     return ("melt_sweeps",) if row == "melt_depth" else ("looplm",)
 
 
+def work(row, s, steps):
+    """A trained row's cost, for ordering the rows only: steps x layers x loops x passes per chunk
+    (1 + sweeps), one more pass in phase 2 for the teacher's forward. Read off the row's own
+    arguments (phase 1 and 2 keep the LoopLM's layers and loops)."""
+    kind, args, _ = steps[row]
+    a = dict(x[2:].split("=", 1) for x in args(""))
+    n = int(a["max_iters"]) * int(a.get("n_layer", s.n_layer)) * int(a.get("n_loop", s.n_loop))
+    return n * (1 + int(a.get("sweeps", 0)) + (kind == "distill"))
+
+
+def critical_path(rows, s, steps):
+    """{row: the work of the longest chain of rows from it to the end}: its own work and that of
+    the longest chain of rows continuing it. Starting the longest chains first keeps the longest
+    one from starting last (list scheduling by critical path)."""
+    memo = {}
+
+    def chain(r):
+        if r not in memo:
+            memo[r] = work(r, s, steps) + max((chain(o) for o in rows if r in needs(o, steps)), default=0)
+        return memo[r]
+    return {r: chain(r) for r in rows}
+
+
 def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     """Train the trained rows among `rows` (and the rows they continue) `jobs` at a time, each in
     its own process (`lesson.py --rows=ROW`, its output in OUT/ROW/lesson.log) with threads/jobs
     threads, as soon as the rows it continues are done; then run() scores the rest and writes the
     table. Why: at the CPU setting's small shapes two 1-thread processes side by side do more work
-    than one 2-thread process (a whole seed 1.11x faster on 2 cores: RESULTS.md). Rows that others
-    wait for start first."""
+    than one 2-thread process (a whole seed 1.11x faster on 2 cores: RESULTS.md). Of the rows
+    ready to start, those with the longest chain of work ahead (critical_path) go first."""
     import subprocess
     s = with_sets(SETTINGS[setting], sets)
     steps = plan(s)
@@ -218,8 +241,8 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     for r in rows:
         want(r)
     done = lambda r: os.path.exists(os.path.join(out, r, "row.json"))
-    waiting = lambda r: sum(r in needs(o, steps) for o in todo)   # rows that continue r
-    todo = sorted((r for r in todo if not done(r)), key=lambda r: (-waiting(r), ROWS.index(r)))
+    ahead = critical_path(todo, s, steps)
+    todo = sorted((r for r in todo if not done(r)), key=lambda r: (-ahead[r], ROWS.index(r)))
     per_job = max(1, (threads or os.cpu_count() or 2) // jobs)
     on_cpu = threads or not torch.cuda.is_available()   # each process forced to the CPU, or all on the GPU
     running = {}

@@ -98,3 +98,17 @@ def test_score_gives_the_accuracy_of_decoding_token_by_token(tmp_path, capsys):
     assert all(seen.values()) and got == {p: hits[p] / seen[p] for p in meta["hops"]}
     lesson.main(["--setting=toy", "--seed=3", f"--out={out}", "--threads=1", "--score", ckpt])
     assert capsys.readouterr().out.strip().endswith("  ".join(f"p={p} {a:.3f}" for p, a in got.items()))
+
+
+def test_rows_with_the_longest_chain_of_work_ahead_start_first():
+    """critical_path: a trained row's work plus that of the longest chain of rows continuing it;
+    work counted here by hand from the setting: steps x layers x loops x passes per chunk
+    (1 + sweeps), one more pass in phase 2 (the teacher's forward)."""
+    s = lesson.SETTINGS["cpu"]
+    L, R, k = s.n_layer, s.n_loop, s.sweeps
+    cp = lesson.critical_path(lesson.TRAINED, s, lesson.plan(s))
+    looplm, phase1_sweeps, phase2_sweeps = s.steps * L * R, s.phase1_steps * L * R * (1 + k), s.phase2_steps * L * R * (k + 2)
+    assert cp["looplm"] == looplm + phase1_sweeps + phase2_sweeps   # -> melt_sweeps_phase1 -> melt_sweeps
+    assert cp["melt_phase1"] == s.phase1_steps * L * R + s.phase2_steps * L * R * 2   # -> melt, no sweeps
+    assert cp["standard_deep"] == s.steps * (L * R) * 1 and cp["standard"] == s.steps * L
+    assert max(cp, key=cp.get) == "looplm" and cp["melt_sweeps_phase1"] > cp["standard_deep"]
