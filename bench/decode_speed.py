@@ -12,7 +12,8 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
 it runs through transformers, which melt does not depend on (install it in a separate venv: the
 message says how). The reference is built at the bench config with random weights and saved as an
 Ouro directory; the LoopLM and MELT are read from that directory by MELT.from_ouro, so all three
-run the same weights, and the LoopLM's greedy tokens are checked equal to the reference's.
+run the same weights, and the LoopLM's greedy tokens are checked equal to the reference's. Each
+model's products alone (products_step) are timed beside them: the bound of a compiled step here.
 
 The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
@@ -239,8 +240,8 @@ def reference_table(ref_dir, compile=True, n_rounds=5):
         modes["compiled, fixed shapes"] = {n: m.decode_step_fixed(compile=True) for n, m in models.items()}
         for n, m in models.items():
             decode_rate(m, 64, 256, modes["compiled, fixed shapes"][n])   # compiles, at the cache length timed
-    ceilings = {(c, n): products_step(m, chained) for c, chained in CEILINGS.items() for n, m in models.items()}
-    ceilings = ceilings if compile else {}
+    ceilings = {(c, n): products_step(m, chained) for c, chained in CEILINGS.items()
+                for n, m in models.items()} if compile else {}
     ref_r, r = [], {(mode, n): [] for mode in modes for n in models}
     r.update({key: [] for key in ceilings})
     for _ in range(n_rounds):   # the reference, then one round of ours (rounds()), seconds apart
