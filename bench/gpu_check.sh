@@ -3,6 +3,7 @@
 #   bash bench/gpu_check.sh                    # decode and train; logs and tables in $OUT (default out-gpu-check/)
 #   COMPILE=False bash bench/gpu_check.sh train train-compiled   # training all eager, then phase 1 compiled
 #   bash bench/gpu_check.sh graph decode         # CUDA-graphed training steps against eager, then decode
+#   bash bench/gpu_check.sh ouro                 # phase 2 at Ouro-1.4B's shapes: peak memory, tok/s (#24 goal 4)
 # 1. bench/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
 #    CUDA graphs, the card's bf16 matrix rate.
 # 2. The one-GPU configs (config/gpu_*.py), shortened, as a user runs them (bf16,
@@ -26,7 +27,7 @@ part() {   # part NAME CAP COMMAND...: run with a timeout of min(CAP, time left)
   local rc=$?
   sleep 1
   echo "== $name: exit $rc after $(( SECONDS - t0 )) s$( (( rc == 124 )) && echo ' (cut off)')"
-  grep -E '^\||TFLOP|final:|stats:|model:|error|Error|skipping cudagraphs' "$O/$name.txt" | tail -30
+  grep -E '^\||TFLOP|final:|stats:|model:|student:|timed micro|peak GPU|error|Error|skipping cudagraphs' "$O/$name.txt" | tail -30
   # the last progress line: train tok/s and MFU once compiled
   grep -E 'tok_s' "$O/$name.txt" | tail -1 | cut -c1-400
 }
@@ -68,6 +69,8 @@ graph)   # train.py's cuda_graph=True against eager, one after the other on the 
   both g_melt 100 python train.py config/gpu_melt.py --max_iters=40 --eval_interval=40 $G
   part g_looplm_graph 90 python train.py config/gpu_looplm.py --max_iters=60 --eval_interval=60 $G --cuda_graph=True \
       --out_dir="$R/g_looplm_graph" ;;
+ouro)   # Ouro-1.4B-shaped teacher -> MELT-1.6B, 2,048 tokens, config/ouro_distill.py (checkpoint_mlp on)
+  part ouro 300 python bench/ouro_step.py ;;
 *) echo "unknown part $w"; exit 2 ;;
 esac; done
 echo "total $SECONDS s"

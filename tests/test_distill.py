@@ -92,3 +92,24 @@ def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
     with pytest.raises(trainer.ConfigError, match="differ in vocab_size"):
         run_distill(ouro_data, tmp_path, f"--init_from={tmp_path / 'other' / 'ckpt.pt'}")
 
+
+
+def test_ouro_shaped_step_runs_phase_2_from_a_student_that_is_the_teacher():
+    """bench/ouro_step.py (#24 goal 4's measurement, run on a GPU at Ouro-1.4B's shapes) at its tiny
+    shape on the CPU: the student starts with every teacher weight (the gates its own), the
+    micro-batches give finite losses over config/ouro_distill.py's 2,048-token rows cut to 16, and
+    the optimizer's step moves the student's weights, never the frozen teacher's (both compared
+    with a fresh pair made from the same seed)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(distill.__file__), "bench"))
+    import ouro_step
+    teacher0, student0 = ouro_step.models(ouro_step.TINY, 2, 16, 4, torch.device("cpu"))
+    t0, s0 = teacher0.state_dict(), student0.state_dict()
+    assert set(s0) - set(t0) and all(".gate." in k for k in set(s0) - set(t0))
+    assert all(torch.equal(t0[k], s0[k]) for k in t0)
+    r, teacher, student = ouro_step.measure(["--tiny", "--device=cpu", "--micro=2"])
+    assert (r["block"], r["chunk"], r["micro"], r["checkpoint_mlp"]) == (16, 4, 2, True)
+    assert len(r["losses"]) == 3 and all(torch.isfinite(torch.tensor(r["losses"])))
+    assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(s0[k], v)]
+    assert "blocks.0.attn.q_proj.weight" in moved and "blocks.0.gate.w_z.weight" in moved
