@@ -21,7 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import distill as D  # noqa: E402
 import train as T  # noqa: E402
 from bench.kv_memory import OURO_1_4B  # noqa: E402
@@ -52,7 +53,7 @@ def measure(argv):
             raise T.ConfigError(f"unknown argument {a!r}: use --tiny, --micro=N or {', '.join(p + '...' for p in passed)}")
     tiny = "--tiny" in argv
     micro = next((int(a.split("=")[1]) for a in argv if a.startswith("--micro=")), 3)
-    cfg, keys = T.parse_args(["config/ouro_distill.py", "--teacher=random"] + [a for a in argv if a.startswith(passed)],
+    cfg, keys = T.parse_args([os.path.join(ROOT, "config", "ouro_distill.py"), "--teacher=random"] + [a for a in argv if a.startswith(passed)],
                              train_cls=D.DistillConfig)
     block, chunk = keys.get("block_size", 2048), keys.get("chunk_size", 512)
     if tiny:
