@@ -7,6 +7,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py --contexts=64,2048   # the same at some lengths only
     python bench/decode_speed.py --profile       # where the compiled (fixed-shape) decode step of each layout spends its time
     python bench/decode_speed.py --reference=DIR # the Ouro reference (its remote code in DIR) beside ours, same weights
+    python bench/decode_speed.py --equal-memory  # 2,048-token contexts in one LoopLM sequence's KV memory: MELT holds 4
 
 --reference=DIR: DIR holds Ouro's remote modeling code (configuration_ouro.py, modeling_ouro.py);
 it runs through transformers, which melt does not depend on (install it in a separate venv: the
@@ -48,23 +49,24 @@ CONFIG = dict(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_loop=4, block_s
 MODELS = {"LoopLM": dict(cache="loop"), "MELT": dict(cache="shared"), "MELT gate=mean": dict(cache="shared", gate="mean")}
 
 
-def decode_rate(model, prompt_len, new_tokens, step=None, repeats=1):
-    """Best tokens/s over `repeats` generations of new_tokens after a random prompt, counting the
-    decode steps only (the prefill and the first token are excluded)."""
+def decode_rate(model, prompt_len, new_tokens, step=None, repeats=1, batch=1):
+    """Best tokens/s over `repeats` generations of new_tokens after random prompts (`batch` of
+    them, decoded together: tokens/s of all rows), counting the decode steps only (the prefill and
+    the first token are excluded)."""
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)   # GPU work is asynchronous
-    idx = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     best = 0.0
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = model.new_cache(1, prompt_len + new_tokens)
+            cache = model.new_cache(batch, prompt_len + new_tokens)
             stream = model.generate_stream(idx.to(device), new_tokens, temperature=0, cache=cache, decode_step=step)
             next(stream)                      # prefill and the first token
             sync()
             t = time.perf_counter()
             n = sum(1 for _ in stream)        # the rest: one decode step each
             sync()
-            best = max(best, n / (time.perf_counter() - t))
+            best = max(best, batch * n / (time.perf_counter() - t))
     return best
 
 
@@ -307,6 +309,32 @@ def contexts_table(looplm, melt, contexts=(64, 512, 1024, 2048, 4096), compile=T
                   f"({min(ratios):.2f}-{max(ratios):.2f}) | {mib['loop']:g} / {mib['shared']:g} |", flush=True)
 
 
+def equal_memory_table(looplm, melt, ctx=2048, new=32, n_rounds=3):
+    """MELT's 4x as throughput: in the KV memory of one LoopLM sequence of `ctx` tokens, MELT holds
+    n_loop sequences. Decode tok/s of the LoopLM at batch 1 beside MELT at batch n_loop (the same
+    cache bytes, checked), compiled fixed-shape step, `n_rounds` interleaved rounds; the ratio is
+    the median of per-round ratios. Also the LoopLM at batch n_loop, which needs n_loop x the memory."""
+    R = melt.config.n_loop
+    runs = {"LoopLM, batch 1": (looplm, 1), f"MELT, batch {R}": (melt, R), f"LoopLM, batch {R}": (looplm, R)}
+    mib = {n: m.new_cache(b, ctx + new, device="meta").nbytes / 2**20 for n, (m, b) in runs.items()}
+    assert mib["LoopLM, batch 1"] == mib[f"MELT, batch {R}"]
+    steps = {n: m.decode_step_fixed(compile=True) for n, (m, b) in runs.items()}
+    for n, (m, b) in runs.items():
+        decode_rate(m, ctx, new, steps[n], batch=b)   # compiles, at the shapes timed
+    r = {n: [] for n in runs}
+    for _ in range(n_rounds):
+        for n, (m, b) in runs.items():
+            r[n].append(decode_rate(m, ctx, new, steps[n], batch=b))
+    base = r["LoopLM, batch 1"]
+    print(f"\n{ctx}-token contexts, {new} new tokens, compiled fixed-shape step, {n_rounds} rounds\n"
+          "\n| model, batch | KV cache MiB | decode tok/s, all rows (median) | / LoopLM batch 1 (per-round ratios) |"
+          "\n|---|---|---|---|")
+    for n, rates in r.items():
+        x = [a / b for a, b in zip(rates, base)]
+        print(f"| {n} | {mib[n]:g} | {statistics.median(rates):.1f} | {statistics.median(x):.2f} "
+              f"({min(x):.2f}-{max(x):.2f}) |", flush=True)
+
+
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -321,6 +349,9 @@ def main():
         for name in ("LoopLM", "MELT"):   # side by side: where MELT's step differs from the LoopLM's
             print(f"\n=== {name}")
             profile_step(models[name])
+        return
+    if "--equal-memory" in sys.argv:
+        equal_memory_table(models["LoopLM"], models["MELT"])
         return
     ctx = [a for a in sys.argv if a.startswith("--contexts")]
     if ctx:   # --contexts, or --contexts=64,2048 for some lengths only
