@@ -175,6 +175,14 @@ class Batches:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
+    def rows(self, split):
+        """Every whole row of a targets dataset's split -> x, y (n_rows, seq_len) int64 on the CPU,
+        in file order (scoring all of it, e.g. bench/lesson.py)."""
+        n, w = self.n_rows[split], self.width
+        x = torch.from_numpy(self.data[split][:n * w].astype(np.int64)).view(n, w)
+        y = torch.from_numpy(self.targets[split][:n * w].astype(np.int64)).view(n, w)
+        return x, y
+
     def eval_batch(self, split, i, micro, device):
         """The i-th eval batch: the same at every eval, never a training batch."""
         return self.get(split, EVAL_STEP + i, micro, device)

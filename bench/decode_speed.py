@@ -100,9 +100,9 @@ def products_step(model, chained=False):
         return out + [F.linear(xs[-1][head.shape[1]], head)]
 
     def in_order(x, head, *ws):
+        blocks = [dict(zip(names, ws[i:i + len(names)])) for i in range(0, len(ws), len(names))]
         for _ in range(cfg.n_loop):
-            for i in range(0, len(ws), len(names)):
-                w = dict(zip(names, ws[i:i + len(names)]))
+            for w in blocks:
                 gate = [F.linear(x, w[n]) for n in ("gate.w_z", "gate.u_z") if n in w]
                 s = x + sum(gate) if gate else x   # MELT's keys/values come from the latent, after its gate
                 q, kv = F.linear(x, w["attn.q_proj"]), F.linear(s, w["attn.kv_proj"])   # (1, nh hs), (1, 2 nkv hs)

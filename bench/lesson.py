@@ -272,11 +272,8 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
 @torch.no_grad()
 def score(model, data_dir, meta, batch_size, device, n_loops=None):
     """{p: accuracy} over every validation row, at decode semantics."""
-    import numpy as np
     model.eval().to(device)
-    w = meta["seq_len"]
-    xs = torch.from_numpy(np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64)).view(-1, w)
-    ys = torch.from_numpy(np.fromfile(os.path.join(data_dir, "val_targets.bin"), dtype=np.int16).astype(np.int64)).view(-1, w)
+    xs, ys = T.Batches(data_dir, meta, meta["seq_len"], batch_size, 1).rows("val")
     total = {p: [0, 0] for p in meta["hops"]}
     for i in range(0, len(xs), 4 * batch_size):
         x, y = xs[i:i + 4 * batch_size].to(device), ys[i:i + 4 * batch_size].to(device)

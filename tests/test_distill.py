@@ -2,15 +2,19 @@
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 import distill
 import train as trainer
-from conftest import OURO_TINY, run_train
+from conftest import OURO_TINY, ROOT, run_train
 from melt import MELT
 from test_melt import load_reference
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import ouro_step  # noqa: E402
 
 
 def run_distill(data, out, *extra):
@@ -93,16 +97,12 @@ def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
         run_distill(ouro_data, tmp_path, f"--init_from={tmp_path / 'other' / 'ckpt.pt'}")
 
 
-
 def test_ouro_shaped_step_runs_phase_2_from_a_student_that_is_the_teacher():
     """bench/ouro_step.py (#24 goal 4's measurement, run on a GPU at Ouro-1.4B's shapes) at its tiny
     shape on the CPU: the student starts with every teacher weight (the gates its own), the
     micro-batches give finite losses over config/ouro_distill.py's 2,048-token rows cut to 16, and
     the optimizer's step moves the student's weights, never the frozen teacher's (both compared
     with a fresh pair made from the same seed)."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(distill.__file__), "bench"))
-    import ouro_step
     teacher0, student0 = ouro_step.models(ouro_step.TINY, 2, 16, 4, torch.device("cpu"))
     t0, s0 = teacher0.state_dict(), student0.state_dict()
     assert set(s0) - set(t0) and all(".gate." in k for k in set(s0) - set(t0))

@@ -71,8 +71,6 @@ def test_score_gives_the_accuracy_of_decoding_token_by_token(tmp_path, capsys):
     accuracy equals greedy prediction token by token through a KV cache (a prefill of one token
     at a time, every earlier token final), counted here at every position with a target and split
     by the p each row's first token names. The command line prints the same numbers."""
-    import numpy as np
-
     from melt import load_model
     out = str(tmp_path / "toy")
     lesson.run("toy", 3, out, ["melt_sweeps_phase1"], threads=1)   # a MELT model (and its teacher)
@@ -81,8 +79,7 @@ def test_score_gives_the_accuracy_of_decoding_token_by_token(tmp_path, capsys):
     data_dir = os.path.join(out, "data")
     meta = T.load_meta(data_dir)
     w = meta["seq_len"]
-    xs = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64).reshape(-1, w)
-    ys = np.fromfile(os.path.join(data_dir, "val_targets.bin"), dtype=np.int16).astype(np.int64).reshape(-1, w)
+    xs, ys = T.Batches(data_dir, meta, w, 1, 1).rows("val")   # the rows as train.py reads them
     model, _ = load_model(ckpt)
     model.eval()
     hits, seen = {p: 0 for p in meta["hops"]}, {p: 0 for p in meta["hops"]}
@@ -91,10 +88,10 @@ def test_score_gives_the_accuracy_of_decoding_token_by_token(tmp_path, capsys):
             p = int(x[0]) - meta["alphabet"] + 1
             cache = model.new_cache(1, w)
             for t in range(w):
-                logits, _ = model.prefill(torch.tensor([[x[t]]]), cache)
+                logits, _ = model.prefill(x[t].view(1, 1), cache)
                 if y[t] != -1:
                     seen[p] += 1
-                    hits[p] += int(logits.argmax(-1)) == y[t]
+                    hits[p] += int(logits.argmax(-1)) == int(y[t])
     assert all(seen.values()) and got == {p: hits[p] / seen[p] for p in meta["hops"]}
     lesson.main(["--setting=toy", "--seed=3", f"--out={out}", "--threads=1", "--score", ckpt])
     assert capsys.readouterr().out.strip().endswith("  ".join(f"p={p} {a:.3f}" for p, a in got.items()))
