@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import train as T
-from melt import MELT, load_model
+from serve.checkpoint import load_model
 
 
 @dataclass
@@ -47,68 +47,63 @@ class DistillConfig(T.TrainConfig):
     eval_interval: int = 50
 
 
-def load_teacher(path, device, dtype):
-    """The frozen looped teacher: an Ouro directory or a LoopLM checkpoint of this project."""
-    if not path:
-        raise T.ConfigError("say which teacher: --teacher=OURO_DIR or --teacher=looplm/ckpt.pt")
-    if not os.path.isdir(path) and os.path.exists(path):
-        if T.load_checkpoint(path)["model_config"].get("cache") != "loop":
-            raise T.ConfigError(f"teacher {path!r} is a shared-cache (MELT) model; the teacher must be a LoopLM")
-    teacher, _ = load_model(path, dtype=torch.float32)
-    teacher.to(device)
-    if device.type == "cuda":
-        teacher.to(torch.bfloat16)
-    return teacher.eval().requires_grad_(False)
+class DistillRecipe(T.Recipe):
+    """Phase 2's start and teacher, for train.py's build (the out_dir guard, resume and the
+    tokenizer checks are the same as train.py's)."""
+
+    def check_config(self, cfg):
+        if cfg.beta < 0 or not cfg.beta < float("inf"):
+            raise T.ConfigError(f"beta={cfg.beta} must be >= 0 and finite")
+        if cfg.align_reduce not in ("sum", "mean"):
+            raise T.ConfigError(f"align_reduce={cfg.align_reduce!r}: use sum or mean")
+        if cfg.kd_loops not in ("all", "last"):
+            raise T.ConfigError(f"kd_loops={cfg.kd_loops!r}: use all or last")
+        if not cfg.lm_weight >= 0:
+            raise T.ConfigError(f"lm_weight={cfg.lm_weight} must be >= 0 (a negative weight maximises the loss)")
+        if cfg.kd_weight == 0 and cfg.beta == 0 and cfg.lm_weight == 0:
+            raise T.ConfigError("kd_weight, beta and lm_weight are all 0: nothing to train on")
+        if not cfg.teacher:
+            raise T.ConfigError("say which teacher: --teacher=OURO_DIR or --teacher=looplm/ckpt.pt")
+
+    def start(self, cfg, model_keys, meta):
+        if cfg.init_from == "teacher":   # the teacher converted to shared mode
+            student, saved = load_model(cfg.teacher, dtype=torch.float32, **{"cache": "shared", **model_keys})
+            return student, None if os.path.isdir(cfg.teacher) else saved
+        return load_model(cfg.init_from, dtype=torch.float32, **model_keys)
+
+    def teacher(self, cfg, start, rt):
+        """The frozen looped teacher: an Ouro directory or a LoopLM checkpoint of this project
+        (bf16 on a GPU)."""
+        path = cfg.teacher
+        if not os.path.isdir(path) and os.path.exists(path):
+            if T.load_checkpoint(path)["model_config"].get("cache") != "loop":
+                raise T.ConfigError(f"teacher {path!r} is a shared-cache (MELT) model; the teacher must be a LoopLM")
+        teacher, meta = load_model(path, dtype=torch.float32)
+        if rt.device.type == "cuda":
+            teacher.to(torch.bfloat16)
+        if cfg.kd_loops == "all" and teacher.config.loss == "last" and rt.master:
+            print("note: the teacher was trained on its last loop only (loss=last), so its earlier loops' logits "
+                  "are not predictions; --kd_loops=last distils what it learned (kd_loops=all: RESULTS.md, the lesson)")
+        return teacher, None if os.path.isdir(path) else meta
+
+    def check(self, cfg, student, teacher, meta):
+        s, t = student.config, teacher.config
+        if s.cache != "shared":
+            raise T.ConfigError("the student is in loop mode: phase 2 distills into MELT (cache=shared)")
+        for k in ("vocab_size", "n_layer", "n_loop", "n_embd", "n_head", "head_dim"):
+            if getattr(s, k) != getattr(t, k):
+                raise T.ConfigError(f"student and teacher differ in {k} ({getattr(s, k)} vs {getattr(t, k)}): "
+                                    f"they must share the vocabulary and the layer/loop shapes")
+        if os.path.isdir(cfg.teacher) and meta.get("tokenizer") != "hf":
+            raise T.ConfigError(f"dataset {cfg.dataset!r} was not tokenized with the teacher's tokenizer.json: "
+                                f"prepare it with data/prepare.py --tokenizer={cfg.teacher}")
+        student.checkpoint_mlp = cfg.checkpoint_mlp
 
 
-def check_pair(student, teacher):
-    s, t = student.config, teacher.config
-    if s.cache != "shared":
-        raise T.ConfigError("the student is in loop mode: phase 2 distills into MELT (cache=shared)")
-    for k in ("vocab_size", "n_layer", "n_loop", "n_embd", "n_head", "head_dim"):
-        if getattr(s, k) != getattr(t, k):
-            raise T.ConfigError(f"student and teacher differ in {k} ({getattr(s, k)} vs {getattr(t, k)}): "
-                                f"they must share the vocabulary and the layer/loop shapes")
-
-
-def build_distill(cfg, model_keys, rt):
-    """(student, optimizer, start step, best val, teacher, data dir, meta)."""
-    if cfg.beta < 0:
-        raise T.ConfigError(f"beta={cfg.beta} must be >= 0")
-    if cfg.align_reduce not in ("sum", "mean"):
-        raise T.ConfigError(f"align_reduce={cfg.align_reduce!r}: use sum or mean")
-    if cfg.kd_loops not in ("all", "last"):
-        raise T.ConfigError(f"kd_loops={cfg.kd_loops!r}: use all or last")
-    data_dir = T.ensure_dataset(cfg.dataset)
-    meta = T.load_meta(data_dir)
-    teacher = load_teacher(cfg.teacher, rt.device, rt.dtype)
-    if cfg.kd_loops == "all" and teacher.config.loss == "last" and rt.master:
-        print("note: the teacher was trained on its last loop only (loss=last), so its earlier loops' logits "
-              "are not predictions; --kd_loops=last distils what it learned (kd_loops=all: RESULTS.md, the lesson)")
-    if os.path.isdir(cfg.teacher) and meta.get("tokenizer") != "hf":
-        raise T.ConfigError(f"dataset {cfg.dataset!r} was not tokenized with the teacher's tokenizer.json: "
-                            f"prepare it with data/prepare.py --tokenizer={cfg.teacher}")
-    torch.manual_seed(cfg.seed)
-    step, best = 0, float("inf")
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.isfile(path):
-            raise T.ConfigError(f"init_from=resume but {path} does not exist")
-        ckpt = T.load_checkpoint(path)
-        student = MELT.from_checkpoint(ckpt, **model_keys)
-        step, best = ckpt["step"], ckpt["best_val_loss"]
-    elif cfg.init_from == "teacher":
-        student, _ = load_model(cfg.teacher, dtype=torch.float32, **{"cache": "shared", **model_keys})
-    else:
-        student, _ = load_model(cfg.init_from, dtype=torch.float32, **model_keys)
-    check_pair(student, teacher)
-    T.check_model_against_data(student.config, meta, cfg.dataset)
-    student.checkpoint_mlp = cfg.checkpoint_mlp
-    student.to(rt.device)
-    optimizer = T.make_optimizer(student, cfg, rt.device.type)
-    if cfg.init_from == "resume":
-        T.restore_training_state(ckpt, optimizer)
-    return student, optimizer, step, best, teacher, data_dir, meta
+def build_distill(cfg, model_keys, rt, run_dir=None):
+    """train.py's build with phase 2's recipe: (student, optimizer, start step, best val, teacher,
+    data dir, meta)."""
+    return T.build(cfg, model_keys, rt, run_dir, recipe=DistillRecipe())
 
 
 class DistillObjective(torch.nn.Module):
@@ -120,17 +115,17 @@ class DistillObjective(torch.nn.Module):
         self._teacher_val = None
 
     @torch.no_grad()
-    def teacher_outputs(self, teacher, x):
+    def teacher_outputs(self, teacher, x, n_loops=None):
         """Per-loop logits (R, B, T, V) and attention outputs (R, L, B, T, C) of the teacher,
         computed once per micro-batch; freed when the step drops them."""
-        out = teacher.run(x, collect_attn=True)
+        out = teacher.run(x, n_loops=n_loops, collect_attn=True)
         logits = teacher.loop_logits(out) if self.cfg.kd_loops == "all" else teacher.lm_head(out.hidden[-1:])
         attn = torch.stack([torch.stack(a) for a in out.attn])
         return {"logits": logits, "attn": attn}
 
-    def forward(self, x, y, alpha, t):
+    def forward(self, x, y, alpha, t, n_loops=None):
         m, cfg = self.model, self.cfg
-        out = m.run(x, alpha=alpha, collect_attn=True)
+        out = m.run(x, alpha=alpha, n_loops=n_loops, collect_attn=True)
         s_logits = m.loop_logits(out) if cfg.kd_loops == "all" else m.lm_head(out.hidden[-1:])
         t_logits = t["logits"]
         kd = torch.stack([T.kd_loss(s_logits[r], t_logits[r], cfg.kd_temperature, y)

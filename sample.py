@@ -24,7 +24,11 @@ import torch
 
 from config import ConfigError, parse_config, run_cli
 from data.prepare import load_tokenizer
-from melt import check_sampling, load_model, load_ouro_tokenizer
+from melt import check_sampling
+from serve.checkpoint import load_model
+from serve.engine import ragged_batch
+from serve.ouro import load_ouro_tokenizer
+from serve.runtime import pick_device, pick_dtype, set_threads
 
 
 @dataclass
@@ -73,15 +77,13 @@ def load_model_and_tokenizer(path, overrides):
 def main(argv):
     cfg, overrides = parse_config(argv, SampleConfig)
     check_sampling(cfg.temperature, cfg.top_k)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
-        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} and num_samples={cfg.num_samples} must be >= 1")
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    dtype = getattr(torch, pick_dtype(cfg.dtype, device))
+    if cfg.max_new_tokens < 1 or cfg.num_samples < 1 or cfg.n_loops < 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} and num_samples={cfg.num_samples} must be >= 1, "
+                          f"n_loops={cfg.n_loops} >= 0 (0: the model's)")
     model, encode, decode, stop, hf_tok = load_model_and_tokenizer(cfg.init_from, overrides)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model.to(device=device, dtype=dtype).eval()
     mc = model.config
 
@@ -178,7 +180,7 @@ def sample_batch(cfg, model, encode, decode, stop, ids, n_loops, device):
                           f"(context {model.config.block_size}, max_new_tokens {cfg.max_new_tokens})")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = model.decode_step_fixed(compile=True) if cfg.compile else None
-    _, cache = model.ragged_batch(prompts, cfg.max_new_tokens, n_loops)
+    _, cache = ragged_batch(model, prompts, cfg.max_new_tokens, n_loops)
     t0 = time.perf_counter()
     out = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cache=cache, generator=gen,
                          n_loops=n_loops, decode_step=step)

@@ -16,7 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from melt import MELT, MeltConfig, MeltError, load_ouro_tokenizer, sample_next
+from melt import MELT, MeltConfig, MeltError, sample_next
+from serve.checkpoint import load_weights
+from serve.engine import key_bucket, ragged_batch
+from serve.ouro import load_ouro_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OURO_TINY = os.path.join(HERE, "tests", "fixtures", "ouro_tiny")
@@ -269,7 +272,7 @@ def test_alpha_endpoints_are_exactly_the_two_layouts():
     """alpha=0 gives the LoopLM forward of the same weights; alpha=1 gives the shared forward."""
     shared = tiny_model(cache="shared", gate="learned", chunk_size=3)
     looped = MELT(MeltConfig(**{**shared.config.__dict__, "cache": "loop"})).eval()
-    looped.load_weights({k: v for k, v in shared.state_dict().items() if ".gate." not in k})
+    load_weights(looped, {k: v for k, v in shared.state_dict().items() if ".gate." not in k})
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(shared.run(idx, alpha=0.0).hidden, looped.run(idx).hidden, atol=1e-6, rtol=0)
@@ -464,7 +467,7 @@ def test_ragged_batch_equals_each_prompt_alone(cache, threshold, fixed):
     for p, row in zip(prompts, batch):
         alone = model.generate(p[None], 9, temperature=0, decode_step=step)[0]
         assert torch.equal(row, alone), (len(p), row, alone)
-    padded, ragged_cache = model.ragged_batch(prompts, 9)
+    padded, ragged_cache = ragged_batch(model, prompts, 9)
     assert padded.shape == (4, 11) and ragged_cache.start.tolist() == [4, 9, 0, 6]
     assert ragged_cache.nbytes == model.new_cache(4, 11 + 9).nbytes
 
@@ -684,7 +687,7 @@ def test_length_buckets_equal_the_whole_cache_and_compile_once_each(cache, monke
     from torch._dynamo.testing import CompileCounter
     model = tiny_model(cache=cache, n_loop=2, block_size=512)
     prompt = torch.randint(0, 61, (2, 60), generator=torch.Generator().manual_seed(4))
-    assert [model.key_bucket(n, 512) for n in (1, 64, 65, 129, 400, 600)] == [64, 64, 128, 256, 512, 512]
+    assert [key_bucket(n, 512) for n in (1, 64, 65, 129, 400, 600)] == [64, 64, 128, 256, 512, 512]
 
     def run(step):
         with torch.no_grad():
@@ -706,3 +709,49 @@ def test_length_buckets_equal_the_whole_cache_and_compile_once_each(cache, monke
     assert counter.frame_count == 3   # buckets 64, 128, 256
     run(step)
     assert counter.frame_count == 3
+
+
+def test_kv_bytes_per_token_is_the_cache_s_bytes_per_token():
+    """model.kv_bytes_per_token (what the lesson and evaluate.py report) equals a cache's bytes
+    divided by batch and length, and the layout's formula: 2 (k, v) x slots x layers x kv heads x
+    head_dim x bytes, slots = loops run in the loop layout and 1 in the shared one."""
+    for cache in ("loop", "shared"):
+        model = tiny_model(cache=cache, n_loop=3)
+        for n_loops in (None, 2, 5):
+            slots = (n_loops or 3) if cache == "loop" else 1
+            formula = 2 * slots * 2 * 2 * 8 * 4   # layers 2, kv heads 2, head_dim 32 / 4
+            assert model.kv_bytes_per_token(n_loops) == formula
+            assert model.new_cache(3, 10, n_loops=n_loops).nbytes == formula * 3 * 10
+
+
+def test_the_gate_starts_where_its_documentation_says_however_the_model_is_made():
+    """A learned gate starts at W_z = U_z = 0 and b_z = gate_bias_init (z = sigmoid(bias)
+    everywhere), a scalar gate at w = gate_bias_init: for a model built from its config, converted
+    from an Ouro directory and converted from a LoopLM checkpoint of this project."""
+    from serve.checkpoint import model_from_checkpoint
+
+    def at_init(model, bias):
+        for blk in model.blocks:
+            g = blk.gate
+            if g.kind == "learned":
+                assert not g.w_z.weight.any() and not g.u_z.weight.any() and torch.all(g.b_z == bias)
+            else:
+                assert float(g.w.detach()) == bias
+    torch.manual_seed(0)
+    at_init(MELT(MeltConfig(vocab_size=61, n_embd=32, n_head=4, n_layer=2, cache="shared", gate_bias_init=-1.5)), -1.5)
+    at_init(MELT.from_ouro(OURO_TINY, cache="shared", gate="scalar", gate_bias_init=-3.0), -3.0)
+    looped = tiny_model(cache="loop")
+    ckpt = dict(model=looped.state_dict(), model_config=vars(looped.config))
+    at_init(model_from_checkpoint(ckpt, cache="shared", gate_bias_init=0.5), 0.5)
+
+
+def test_a_ragged_batch_decodes_into_the_cache_it_is_given():
+    """generate(list of prompts, cache=...) writes into the cache ragged_batch made (no second
+    cache is built and dropped): the given cache ends at the longest prompt + new tokens."""
+    model = tiny_model(cache="shared")
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]
+    _, cache = ragged_batch(model, prompts, 4)
+    model.generate(prompts, 4, temperature=0, cache=cache)
+    assert cache.pos == 5 + 4 - 1   # the last token is sampled, not written
+    with pytest.raises(MeltError, match="must come from ragged_batch"):
+        model.generate(prompts, 4, temperature=0, cache=model.new_cache(2, 9))

@@ -18,17 +18,20 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from config import ConfigError, parse_config, run_cli  # noqa: F401 (distill.py uses them)
-from melt import MELT, MeltConfig, config_sha, load_checkpoint, load_model
+from melt import MELT, MeltConfig, exit_choice
+from serve.checkpoint import (RunDir, load_checkpoint, load_model, model_from_checkpoint,  # noqa: F401
+                              restore_training_state, save_checkpoint)
+from serve.runtime import GraphedStep, Runtime, check_cuda_graph, flops_per_token, peak_flops  # noqa: F401
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+from data.loader import Batches, load_meta  # noqa: E402,F401 (tests and distill.py use them from here)
 from data.prepare import ensure_dataset, load_tokenizer  # noqa: E402
 
 @dataclass
@@ -62,6 +65,7 @@ class TrainConfig:
     compile: bool = False                # torch.compile the model (the uncompiled module is what gets saved)
     cuda_graph: bool = False             # one GPU: replay each micro-step's forward and backward as CUDA graphs (GraphedStep)
     threads: int = 0                     # CPU threads for torch; 0 leaves torch's default
+    min_loops: int = 0                   # > 0: each step runs a loop count drawn from [min_loops, n_loop] (the dial)
 
 
 # The model trained by `python train.py` when nothing else is said: small enough for a 2-core CPU.
@@ -69,7 +73,6 @@ class TrainConfig:
 # later loops never train; the entropy bonus at weight 1.0 keeps every loop trained (RESULTS.md).
 DEFAULT_MODEL = dict(n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128,
                      chunk_size=32, cache="shared", gate="learned", loss="expected_loss", entropy_weight=1.0)
-EVAL_STEP = 10_000_000   # evals draw the batches of steps EVAL_STEP, EVAL_STEP+1, ...: fixed data, never trained on
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -106,87 +109,20 @@ def check_train_config(cfg):
     for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "alpha_steps", "sample_tokens", "threads"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "alpha_steps", "sample_tokens", "threads", "min_loops"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
     for key in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr", "kd_weight"):
         if not (getattr(cfg, key) >= 0 and math.isfinite(getattr(cfg, key))):
             raise ConfigError(f"{key}={getattr(cfg, key)} must be a finite number >= 0")
+    if not (cfg.kd_temperature > 0 and math.isfinite(cfg.kd_temperature)):
+        raise ConfigError(f"kd_temperature={cfg.kd_temperature} must be a finite number > 0")
+    if not 0 <= cfg.beta1 < 1 or not 0 <= cfg.beta2 < 1:
+        raise ConfigError(f"beta1={cfg.beta1} and beta2={cfg.beta2} must lie in [0, 1)")
     return cfg
 
 
 # ---- data --------------------------------------------------------------------------------------
-
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): prepare the dataset again") from None
-
-
-class Batches:
-    """Batches of a prepared dataset, of one of two kinds (data/prepare.py):
-        text     random windows of a token file; the target is the next token
-        targets  whole rows of `seq_len` inputs with a target per position stored beside them
-                 ({split}_targets.bin, -1 where nothing is scored), e.g. the p-hop task
-    The rows of step `step` are a function of (seed, step) alone: every process draws the same
-    global batch and takes its own rows, so one process with grad_accum=2 and two with
-    grad_accum=1 see the same data, and a resumed run continues the same sequence."""
-
-    def __init__(self, data_dir, meta, block_size, batch_size, grad_accum, rank=0, world=1, seed=0):
-        try:
-            self.data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
-                         for s in ("train", "val")}
-        except ValueError as e:   # a file of odd length, an empty one
-            raise ConfigError(f"the token files of {data_dir} are damaged ({e}): prepare the dataset again") from None
-        self.batch_size, self.grad_accum, self.rank, self.world, self.seed = batch_size, grad_accum, rank, world, seed
-        self.targets = None
-        if meta.get("targets"):
-            self.width = meta["seq_len"]   # tokens per row
-            if self.width > block_size:
-                raise ConfigError(f"the rows of {data_dir} are {self.width} tokens, more than block_size={block_size}")
-            self.targets = {s: np.memmap(os.path.join(data_dir, f"{s}_targets.bin"), dtype=np.int16, mode="r")
-                            for s in ("train", "val")}
-            self.n_rows = {s: len(d) // self.width for s, d in self.data.items()}
-        else:
-            self.width = block_size
-            for split, d in self.data.items():
-                if len(d) <= block_size + 1:
-                    raise ConfigError(f"{split}.bin of {data_dir} has {len(d)} tokens, fewer than block_size+1")
-
-    def get(self, split, step, micro, device):
-        """Micro-batch `micro` of this process at step `step` -> x, y (B, T) on device."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 2 + (split == "val"))
-        n = self.batch_size * self.grad_accum * self.world
-        first = (self.rank * self.grad_accum + micro) * self.batch_size
-        if self.targets is None:
-            data = self.data[split]
-            starts = torch.randint(len(data) - self.width - 1, (n,), generator=g)[first:first + self.batch_size]
-            xy = torch.stack([torch.from_numpy(data[i:i + self.width + 1].astype(np.int64)) for i in starts.tolist()])
-            x, y = xy[:, :-1], xy[:, 1:]
-        else:
-            rows = torch.randint(self.n_rows[split], (n,), generator=g)[first:first + self.batch_size].tolist()
-            w = self.width
-            x = torch.stack([torch.from_numpy(self.data[split][r * w:(r + 1) * w].astype(np.int64)) for r in rows])
-            y = torch.stack([torch.from_numpy(self.targets[split][r * w:(r + 1) * w].astype(np.int64)) for r in rows])
-        if device.type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    def rows(self, split):
-        """Every whole row of a targets dataset's split -> x, y (n_rows, seq_len) int64 on the CPU,
-        in file order (scoring all of it, e.g. bench/lesson.py)."""
-        n, w = self.n_rows[split], self.width
-        x = torch.from_numpy(self.data[split][:n * w].astype(np.int64)).view(n, w)
-        y = torch.from_numpy(self.targets[split][:n * w].astype(np.int64)).view(n, w)
-        return x, y
-
-    def eval_batch(self, split, i, micro, device):
-        """The i-th eval batch: the same at every eval, never a training batch."""
-        return self.get(split, EVAL_STEP + i, micro, device)
-
 
 def token_ce(logits, y):
     """Mean cross-entropy of logits (..., V) against targets y (...), in float32, targets of -1
@@ -195,117 +131,36 @@ def token_ce(logits, y):
 
 
 @torch.no_grad()
-def accuracy(model, x, y, n_loops=None, alpha=None, exit_threshold=None, chunk_size=1, sweeps=0):
-    """Exact-match hits (B, T) bool of the greedy prediction where y != -1, and the mask of those
-    positions. By default at decode semantics: in shared mode every earlier token final, as when
-    generating (chunks of one token); a loop cache needs no chunks."""
+def answers(model, x, n_loops=None, alpha=None, exit_threshold=None, chunk_size=1, sweeps=0, loops=False):
+    """Greedy predictions (B, T), and with loops=True the loop each one comes from (B, T), 1-based:
+    the loop that exit_threshold chooses. By default at decode semantics: in shared mode every
+    earlier token final, as when generating (chunks of one token); a loop cache needs no chunks."""
     out = model.run(x, n_loops=n_loops, alpha=alpha, exit_threshold=exit_threshold,
                     chunk_size=chunk_size, sweeps=sweeps)
     pred = model.lm_head(out.selected).argmax(-1)
+    if not loops:
+        return pred, None
+    q = model.config.exit_threshold if exit_threshold is None else exit_threshold
+    return pred, exit_choice(out.exit_probs, q) + 1
+
+
+def accuracy(model, x, y, **kw):
+    """Exact-match hits (B, T) bool of the greedy prediction where y != -1, and the mask of those
+    positions (answers' keyword arguments pass through)."""
+    pred, _ = answers(model, x, **kw)
     scored = y != -1
     return (pred == y) & scored, scored
 
 
 def accuracy_by_hops(model, x, y, meta, **kw):
-    """{p: (hits, scored)} on p-hop rows x, y (data/prepare.py: token 0 names p), at decode
-    semantics (accuracy's keyword arguments pass through)."""
-    hits, scored = accuracy(model, x, y, **kw)
+    """{p: (hits, scored, loops)} on p-hop rows x, y (data/prepare.py: token 0 names p), at decode
+    semantics; loops: the loops of the scored answers, summed (answers' keyword arguments pass through)."""
+    pred, loops = answers(model, x, loops=True, **kw)
+    scored = y != -1
+    hits = (pred == y) & scored
     p = x[:, 0] - meta["alphabet"] + 1
-    return {h: (int(hits[p == h].sum()), int(scored[p == h].sum())) for h in meta["hops"]}
-
-
-# ---- devices, precision, DDP -------------------------------------------------------------------
-
-class Runtime:
-    """Device, autocast and the DDP process group, set up once."""
-
-    def __init__(self, cfg):
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if self.ddp:
-            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            self.local_rank = int(os.environ["LOCAL_RANK"])
-        else:
-            self.rank, self.world, self.local_rank = 0, 1, 0
-        dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            torch.device(dev)
-        except RuntimeError:
-            raise ConfigError(f"device={cfg.device!r}: use auto, cpu, cuda or cuda:N") from None
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
-        if self.ddp and dev.startswith("cuda"):
-            dev = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(dev)
-        self.device = torch.device(dev)
-        if self.ddp:   # a rank that dies stops the others within 5 minutes, not gloo's default 30
-            import datetime
-            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
-                                                 timeout=datetime.timedelta(minutes=5))
-        self.master = self.rank == 0
-        dtype = cfg.dtype
-        if dtype == "auto":
-            if self.device.type == "cuda":
-                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-            else:
-                dtype = "float32"
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={cfg.dtype!r}: use auto, float32, bfloat16 or float16")
-        self.dtype = dtype
-        self.autocast = (nullcontext() if dtype == "float32" else
-                         torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype)))
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    def all_mean(self, x):
-        """Mean of a float over processes (for logging)."""
-        if not self.ddp:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.item() / self.world
-
-    def close(self):
-        if self.ddp:
-            torch.distributed.destroy_process_group()
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-def save_checkpoint(path, raw_model, optimizer, cfg, step, best_val_loss, extra=None):
-    """Everything to continue exactly, written to a temporary file and renamed, so that a kill at
-    any moment leaves the previous checkpoint intact. Refuses non-finite weights."""
-    bad = [n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ConfigError(f"weights became non-finite by step {step} ({bad[0]}, {len(bad)} tensors); "
-                          f"not saved: the last good checkpoint ({path}, if any) is untouched. Lower lr")
-    ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                model_config=asdict(raw_model.config), model_config_sha=config_sha(asdict(raw_model.config)),
-                train_config=asdict(cfg), step=step,
-                best_val_loss=best_val_loss, data_position=step, rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                **(extra or {}))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:   # disk full, read-only: keep the good one, free the space
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise ConfigError(f"could not write {path} ({type(e).__name__}: {str(e)[:80]}); "
-                          f"the previous checkpoint, if any, is untouched") from None
-
-
-def restore_training_state(ckpt, optimizer):
-    """What init_from=resume needs beyond the weights: optimizer moments and RNG state."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    return {h: (int(hits[p == h].sum()), int(scored[p == h].sum()), int((loops * scored)[p == h].sum()))
+            for h in meta["hops"]}
 
 
 # ---- optimisation ------------------------------------------------------------------------------
@@ -348,28 +203,15 @@ def alpha_at(step, cfg, model_cfg):
     return min(1.0, step / cfg.alpha_steps)
 
 
-def flops_per_token(model_cfg, T):
-    """Training FLOPs per token (forward + backward), PaLM-style: 6 x (weights applied per
-    token) + attention. A looped model applies its stack n_loop times, so its weights count
-    n_loop times. Attention counts a full causal T x T per layer and loop."""
-    c = model_cfg
-    per_layer = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.n_embd \
-        + 3 * c.n_embd * c.mlp_hidden
-    if c.cache == "shared" and c.gate == "learned":
-        per_layer += 2 * c.n_embd * c.n_embd
-    n_applied = c.n_layer * c.n_loop * per_layer + c.n_loop * c.n_embd * c.vocab_size
-    return (6 * n_applied + 12 * c.n_layer * c.n_loop * c.n_head * c.head_dim * T) * (1 + c.sweeps)
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    """Dense bf16 peak of the GPU, or None where unknown (then MFU is not shown)."""
-    if device.type != "cuda":
+def loops_at(step, cfg, model_cfg):
+    """The loops a training step runs: None (the model's n_loop) unless min_loops is set, then a
+    count drawn uniformly from [min_loops, n_loop], a function of (seed, step) alone like the
+    batches, so every DDP process draws the same and a resumed run the same sequence. Trains every
+    depth of the dial: a student read at any loop count sees such rows in training."""
+    if not cfg.min_loops:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 2 + 7)
+    return int(torch.randint(cfg.min_loops, model_cfg.n_loop + 1, (1,), generator=g))
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -424,36 +266,72 @@ def check_model_against_data(model_cfg, meta, dataset, saved_meta=None):
                               f"(they differ in {diff[0]}): train on that checkpoint's dataset")
 
 
-def build(cfg, model_keys, rt):
-    """(model, optimizer, start step, best val loss, teacher for KD or None, data dir, meta)."""
+class Recipe:
+    """What a run of train.py starts from; distill.py's DistillRecipe says it for phase 2. The rest
+    of the build (the out_dir's lock and overwrite guard, the log, resume, the tokenizer checks,
+    the optimizer) is build()'s, the same for both."""
+
+    def check_config(self, cfg):
+        """Settings of this recipe that contradict each other, refused before anything is loaded."""
+
+    def start(self, cfg, model_keys, meta):
+        """A new run's model, and the tokenizer description its weights read (None: new weights)."""
+        if cfg.init_from == "scratch":
+            return MELT(MeltConfig(**{**DEFAULT_MODEL, "vocab_size": meta["vocab_size"], **model_keys})), None
+        return load_model(cfg.init_from, dtype=torch.float32, **model_keys)
+
+    def teacher(self, cfg, start, rt):
+        """(the frozen model of the KD term, its tokenizer description), or (None, None): the start
+        model in loop mode. start is the run's first init_from (a resume keeps its own)."""
+        if cfg.kd_weight == 0:
+            return None, None
+        if start in ("scratch", "resume"):
+            raise ConfigError("kd_weight > 0 distils from the start model, but this run started from scratch: "
+                              "give --init_from=CHECKPOINT, or drop kd_weight")
+        teacher, meta = load_model(start, dtype=torch.float32, cache="loop")
+        return teacher, None if os.path.isdir(start) else meta   # an Ouro directory: data/prepare.py checks
+
+    def check(self, cfg, model, teacher, meta):
+        """What the built model (and teacher) must satisfy beyond the shared checks."""
+
+
+def build(cfg, model_keys, rt, run_dir=None, recipe=Recipe()):
+    """(model, optimizer, start step, best val loss, teacher for KD or None, data dir, meta).
+    run_dir: the claimed RunDir of the run (train() claims it)."""
+    recipe.check_config(cfg)
     data_dir = ensure_dataset(cfg.dataset)
     meta = load_meta(data_dir)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start_step, best, teacher, saved_meta = 0, float("inf"), None, None
+    run_dir = run_dir or RunDir(cfg.out_dir)
+    start_step, best, saved_meta = 0, float("inf"), None
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"init_from=resume but {ckpt_path} does not exist: train first, or set out_dir")
-        ckpt = load_checkpoint(ckpt_path)
-        model = MELT.from_checkpoint(ckpt, **model_keys)
+        if not os.path.isfile(run_dir.ckpt):
+            raise ConfigError(f"init_from=resume but {run_dir.ckpt} does not exist: train first, or set out_dir")
+        ckpt = load_checkpoint(run_dir.ckpt)
+        saved = ckpt["model_config"]
+        changed = {k: v for k, v in sorted(model_keys.items()) if k in saved and saved[k] != v}
+        if changed and rt.master:   # printed like the training keys (resume_config); the checkpoint keeps them
+            print(f"resume: the model config saved in {run_dir.ckpt}, with from the command line: "
+                  + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items()))
+        model = model_from_checkpoint(ckpt, **model_keys)
         start_step, best, saved_meta = ckpt["step"], ckpt["best_val_loss"], ckpt.get("data_meta")
         start = ckpt["train_config"].get("init_from")
-        if start not in ("scratch", "resume") and cfg.kd_weight > 0:
-            teacher, _ = load_model(start, dtype=torch.float32, cache="loop")
     else:
-        if os.path.isfile(ckpt_path) and not cfg.overwrite and rt.master:
-            raise ConfigError(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it "
-                              f"with --overwrite=True")
-        if cfg.init_from == "scratch":
-            model = MELT(MeltConfig(**{**DEFAULT_MODEL, "vocab_size": meta["vocab_size"], **model_keys}))
-        else:
-            model, saved_meta = load_model(cfg.init_from, dtype=torch.float32, **model_keys)
-            if cfg.kd_weight > 0:
-                teacher, _ = load_model(cfg.init_from, dtype=torch.float32, cache="loop")
-        if os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")) and rt.master:
-            os.remove(os.path.join(cfg.out_dir, "log.jsonl"))   # a new run: a new log
+        if rt.master:
+            run_dir.start_new(cfg.overwrite)
+        model, saved_meta = recipe.start(cfg, model_keys, meta)
+        start = cfg.init_from
+    teacher, teacher_meta = recipe.teacher(cfg, start, rt)
     mc = model.config
+    recipe.check(cfg, model, teacher, meta)
     check_model_against_data(mc, meta, cfg.dataset, saved_meta)
+    if teacher is not None:
+        check_model_against_data(teacher.config, meta, cfg.dataset, teacher_meta)
+    if mc.cache == "loop" and (cfg.alpha_steps or cfg.gate_lr):
+        raise ConfigError(f"{'alpha_steps' if cfg.alpha_steps else 'gate_lr'} is for MELT (cache=shared); "
+                          f"this model has cache=loop, where it would do nothing: drop it")
+    if cfg.min_loops > mc.n_loop:
+        raise ConfigError(f"min_loops={cfg.min_loops} is more than the model's n_loop={mc.n_loop}")
     if mc.cache == "shared" and mc.chunk_size > mc.block_size:
         raise ConfigError(f"chunk_size={mc.chunk_size} is larger than block_size={mc.block_size}")
     model.to(rt.device)
@@ -489,11 +367,11 @@ class LMObjective(torch.nn.Module):
         self.model, self.cfg = model, cfg
 
     @torch.no_grad()
-    def teacher_outputs(self, teacher, x):
-        return teacher.lm_head(teacher.run(x).hidden[-1])
+    def teacher_outputs(self, teacher, x, n_loops=None):
+        return teacher.lm_head(teacher.run(x, n_loops=n_loops).hidden[-1])
 
-    def forward(self, x, y, alpha, teacher_out=None):
-        out = self.model.run(x, alpha=alpha)
+    def forward(self, x, y, alpha, teacher_out=None, n_loops=None):
+        out = self.model.run(x, alpha=alpha, n_loops=n_loops)
         lm = self.model.loss(out, y)
         parts = {}
         c = self.model.config
@@ -506,67 +384,26 @@ class LMObjective(torch.nn.Module):
         return lm + self.cfg.kd_weight * kd, {**parts, "lm": lm.detach(), "kd": kd.detach()}
 
 
-class GraphedStep:
-    """A micro-step's forward and backward replayed as CUDA graphs (cuda_graph=True, one GPU).
-
-    MELT's chunk-wise step is thousands of small kernels (chunks x loops x layers, forward and
-    backward), each launched from Python. torch.cuda.make_graphed_callables records the
-    objective's forward and its backward once; each call then copies the batch into the
-    recording's inputs and launches all of it at once. The optimizer stays eager. Only the model's
-    own key/value layout (MELT.kv_layout at alpha=1) is recorded; the transition's alpha < 1
-    steps run eager (RESULTS.md has the measurements)."""
-
-    def __init__(self, objective, rt):
-        self.objective, self.fn = objective, None
-        # make_graphed_callables refuses autocast's weight cache (a recording cannot reuse casts)
-        self.autocast = (nullcontext() if rt.dtype == "float32" else
-                         torch.autocast("cuda", dtype=getattr(torch, rt.dtype), cache_enabled=False))
-
-    def __call__(self, x, y, alpha, teacher_out=None):
-        model = self.objective.model
-        t = () if teacher_out is None else (teacher_out,)
-        if model.kv_layout(alpha) != model.config.cache:
-            return self.objective(x, y, alpha, *t)   # the transition before alpha reaches 1: eager
-        with self.autocast:
-            if self.fn is None:
-                self.fn = torch.cuda.make_graphed_callables(_AtAlpha(self.objective, alpha), (x, y, *t))
-            return self.fn(x, y, *t)
-
-
-class _AtAlpha(torch.nn.Module):
-    """The objective at one fixed alpha, for recording (make_graphed_callables takes tensors only)."""
-
-    def __init__(self, objective, alpha):
-        super().__init__()
-        self.objective, self.alpha = objective, alpha
-
-    def forward(self, x, y, *teacher_out):
-        return self.objective(x, y, self.alpha, *teacher_out)
-
-
-def check_cuda_graph(cfg, rt):
-    """What a CUDA-graphed step cannot do, refused before anything is built."""
-    if not cfg.cuda_graph:
-        return
-    why = ("it needs a CUDA device" if rt.device.type != "cuda" else
-           "it is for one GPU (under torchrun, DDP's gradient hooks run outside the recording)" if rt.ddp else
-           "use one or the other (compile=False)" if cfg.compile else
-           "grad_accum must be 1 (the recording's gradient buffers are reused by the next micro-step)"
-           if cfg.grad_accum != 1 else None)
-    if why:
-        raise ConfigError(f"cuda_graph=True: {why}")
-
-
 # ---- the training loop ---------------------------------------------------------------------------
 
 def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     """The loop shared by train.py and distill.py: build, then step / eval / checkpoint."""
-    from tqdm import tqdm
-
     cfg = resume_config(cfg)
     rt = Runtime(cfg)
     check_cuda_graph(cfg, rt)
-    raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt)
+    run_dir = RunDir(cfg.out_dir)
+    if rt.master:
+        run_dir.claim()   # the run's only writer until it ends (a second run is refused)
+    try:
+        return _train(cfg, model_keys, objective_cls, build_fn, rt, run_dir)
+    finally:
+        run_dir.release()
+
+
+def _train(cfg, model_keys, objective_cls, build_fn, rt, run_dir):
+    from tqdm import tqdm
+
+    raw, optimizer, step, best, teacher, data_dir, meta = build_fn(cfg, model_keys, rt, run_dir)
     start_step = step
     batches = Batches(data_dir, meta, raw.config.block_size, cfg.batch_size, cfg.grad_accum, rt.rank, rt.world,
                       cfg.seed)
@@ -581,9 +418,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
     if cfg.cuda_graph:
         step_fn = GraphedStep(objective, rt)
     scaler = torch.amp.GradScaler(enabled=rt.dtype == "float16")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log_path, ckpt_path = run_dir.log, run_dir.ckpt
     tokens_per_step = cfg.batch_size * cfg.grad_accum * rt.world * batches.width
     flops = flops_per_token(raw.config, batches.width) * tokens_per_step
     peak = peak_flops(rt.device)
@@ -593,7 +428,9 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
               f"cache={c.cache}" + (f", gate={c.gate}, chunk_size={c.chunk_size}, sweeps={c.sweeps}"
                                     if c.cache == "shared" else "")
               + f"; {tokens_per_step:,} tokens per step on {rt.device} ({rt.dtype})")
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not rt.master, dynamic_ncols=True)
+    # a bar on a terminal; in a file (nohup, a lesson row's log) a line at each log interval instead
+    on_tty = sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (rt.master and on_tty), dynamic_ncols=True)
     t0 = time.time()
 
     def do_eval(step):
@@ -608,7 +445,7 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         if rt.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            bar.write(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            (bar.write if on_tty else print)(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in rec.items() if k != "time"))
         return rec
 
@@ -623,13 +460,15 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         alpha = alpha_at(step, cfg, raw.config)
+        n_loops = loops_at(step, cfg, raw.config)
         total, parts = 0.0, {}
         for micro in range(cfg.grad_accum):
             x, y = batches.get("train", step, micro, rt.device)
             sync = ddp.no_sync() if rt.ddp and micro < cfg.grad_accum - 1 else nullcontext()
             with sync, rt.autocast:
-                t_out = objective.teacher_outputs(teacher, x) if teacher is not None else None
-                loss, parts = step_fn(x, y, alpha, t_out)
+                depth = () if n_loops is None else (n_loops,)   # a drawn loop count (min_loops), if any
+                t_out = objective.teacher_outputs(teacher, x, *depth) if teacher is not None else None
+                loss, parts = step_fn(x, y, alpha, t_out, *depth)
                 loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
             total += loss.item()
@@ -656,7 +495,11 @@ def train(cfg, model_keys, objective_cls=LMObjective, build_fn=build):
                         mfu=f"{100 * flops / dt / (peak * rt.world):.1f}%" if peak else "n/a")
             if raw.config.cache == "shared" and cfg.alpha_steps:
                 post["alpha"] = f"{alpha:.2f}"
+            if n_loops is not None:
+                post["loops"] = str(n_loops)
             bar.set_postfix(post, refresh=False)
+            if rt.master and not on_tty:
+                print(f"step {step}/{cfg.max_iters} | " + " | ".join(f"{k} {v}" for k, v in post.items()), flush=True)
         bar.update(1)
     if rec is None or rec["step"] != step:
         rec = do_eval(step)

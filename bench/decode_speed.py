@@ -8,6 +8,7 @@ Decode speed of LoopLM vs MELT at the same config, measured side by side in one 
     python bench/decode_speed.py --profile       # where the compiled (fixed-shape) decode step of each layout spends its time
     python bench/decode_speed.py --reference=DIR # the Ouro reference (its remote code in DIR) beside ours, same weights
     python bench/decode_speed.py --equal-memory  # 2,048-token contexts in one LoopLM sequence's KV memory: MELT holds 4
+    python bench/decode_speed.py --batches       # ragged batches of 1, 4 and 16 prompts of 32..64 tokens, 128 new each
 
 --reference=DIR: DIR holds Ouro's remote modeling code (configuration_ouro.py, modeling_ouro.py);
 it runs through transformers, which melt does not depend on (install it in a separate venv: the
@@ -16,7 +17,7 @@ Ouro directory; the LoopLM and MELT are read from that directory by MELT.from_ou
 run the same weights, and the LoopLM's greedy tokens are checked equal to the reference's. Each
 model's products alone (products_step) are timed beside them: the bound of a compiled step here.
 
-The config is the issue's: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
+The config: ~3.4M parameters (vocab 512, width 256, 4 layers, 4 heads, 4 loops),
 64-token prompt, 256 new tokens, batch 1, 2 threads, float32, greedy. Three models: the LoopLM,
 MELT with its learned gate, and MELT with the parameter-free gate=mean (the shared cache layout
 without the gate's two width x width matrices). Three ways to run the one-token decode step
@@ -43,7 +44,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
-from melt import CPU_DECODE_COMPILE_OPTIONS, MELT, MeltConfig  # noqa: E402
+from melt import MELT, MeltConfig  # noqa: E402
+from serve.engine import CPU_DECODE_COMPILE_OPTIONS, ragged_batch  # noqa: E402
 
 CONFIG = dict(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_loop=4, block_size=8192, chunk_size=64)
 MODELS = {"LoopLM": dict(cache="loop"), "MELT": dict(cache="shared"), "MELT gate=mean": dict(cache="shared", gate="mean")}
@@ -335,6 +337,43 @@ def equal_memory_table(looplm, melt, ctx=2048, new=32, n_rounds=3):
               f"({min(x):.2f}-{max(x):.2f}) |", flush=True)
 
 
+def ragged_rate(model, B, new, step):
+    """Decode tok/s of all rows of a ragged batch of B prompts of 32..64 tokens (each row its own
+    positions and mask), after the prefill and first tokens."""
+    g = torch.Generator().manual_seed(B)
+    prompts = [torch.randint(0, 512, (int(n),), generator=g) for n in torch.linspace(32, 64, B).round()]
+    with torch.inference_mode():
+        padded, cache = ragged_batch(model, prompts, new)
+        stream = model.generate_stream(padded, new, temperature=0, cache=cache, decode_step=step)
+        next(stream)                       # the prefill (row by row) and the first tokens
+        t = time.perf_counter()
+        n = sum(1 for _ in stream)
+        return B * n / (time.perf_counter() - t)
+
+
+def batches_table(models, compile=True, n_rounds=3, sizes=(1, 4, 16), new=128):
+    """Decode tok/s of ragged batches, both layouts, eager and compiled fixed-shape step; one
+    untimed round compiles every (batch size, bucket) graph, then interleaved rounds, medians."""
+    models = {c: models[n] for c, n in (("loop", "LoopLM"), ("shared", "MELT"))}
+    modes = {"eager": {c: None for c in models}}
+    if compile:
+        modes["compiled"] = {c: m.decode_step_fixed(compile=True) for c, m in models.items()}
+    res = {}
+    for i in range(n_rounds + 1):
+        for mode, steps in modes.items():
+            for c, m in models.items():
+                for B in sizes:
+                    r = ragged_rate(m, B, new, steps[c])
+                    if i:
+                        res.setdefault((mode, c, B), []).append(r)
+    print("| mode | layout | " + " | ".join(f"batch {B} tok/s" for B in sizes) + f" | {sizes[-1]} / 1 |\n"
+          + "|---" * (len(sizes) + 3) + "|")
+    for mode in modes:
+        for c in models:
+            med = [statistics.median(res[mode, c, B]) for B in sizes]
+            print(f"| {mode} | {c} | " + " | ".join(f"{m:,.0f}" for m in med) + f" | {med[-1] / med[0]:.1f}x |")
+
+
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -349,6 +388,9 @@ def main():
         for name in ("LoopLM", "MELT"):   # side by side: where MELT's step differs from the LoopLM's
             print(f"\n=== {name}")
             profile_step(models[name])
+        return
+    if "--batches" in sys.argv:
+        batches_table(models, compile="--no-compile" not in sys.argv)
         return
     if "--equal-memory" in sys.argv:
         equal_memory_table(models["LoopLM"], models["MELT"])

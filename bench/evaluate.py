@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -27,25 +28,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train as T  # noqa: E402
 from config import ConfigError, parse_config, run_cli  # noqa: E402
-from melt import load_checkpoint, load_model  # noqa: E402
+from serve.checkpoint import load_checkpoint, load_model  # noqa: E402
+from serve.runtime import pick_device, set_threads  # noqa: E402
+
+
+@dataclass
+class EvalConfig:
+    label: str = ""              # the line's label; "" means the checkpoint's path
+    log: str = ""                # also append the line to this file
+    n_loops: int = 0             # loops at inference; 0 means the model's n_loop
+    batches: int = 6             # fixed validation batches of 16 rows
+    exit_threshold: float = 1.0  # below 1: adaptive depth (shared mode stops looping per token)
+    device: str = "auto"         # "auto" (the GPU where there is one), "cpu", "cuda", ...
+    threads: int = 2             # CPU threads
 
 
 def main(argv):
-    opts = {a[2:].split("=", 1)[0]: a[2:].split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
     paths = [a for a in argv if not a.startswith("--")]
     if len(paths) != 1:
-        raise ConfigError("give one checkpoint path")
-    label, log = opts.pop("label", paths[0]), opts.pop("log", None)
-    n_loops = int(opts.pop("n_loops", 0)) or None
-    batches_n = int(opts.pop("batches", 6))
-    threshold = float(opts.pop("exit_threshold", 1.0))
-    device = torch.device(opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    _, overrides = parse_config([f"--{k}={v}" for k, v in opts.items()], T.TrainConfig)
+        raise ConfigError("give one checkpoint path (and --key=value options)")
+    cfg, overrides = parse_config([a for a in argv if a.startswith("--")], EvalConfig)
+    if cfg.batches < 1 or cfg.n_loops < 0 or not 0 < cfg.exit_threshold <= 1:
+        raise ConfigError(f"batches={cfg.batches} must be >= 1, n_loops={cfg.n_loops} >= 0 (0: the model's), "
+                          f"exit_threshold={cfg.exit_threshold} in (0, 1]")
+    label, log, n_loops, batches_n, threshold = cfg.label or paths[0], cfg.log, cfg.n_loops or None, cfg.batches, cfg.exit_threshold
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads)
     ckpt = load_checkpoint(paths[0])
     chunk = overrides.pop("chunk_size", 1)   # decode semantics unless asked
     model, meta = load_model(paths[0], **overrides)
     model.eval().to(device)
-    torch.set_num_threads(2)
     data_dir = T.ensure_dataset(ckpt["train_config"]["dataset"])
     # seed 1337 whatever the run trained with: every model is scored on the same rows
     batches = T.Batches(data_dir, meta, model.config.block_size, 16, 1, seed=1337)
@@ -59,7 +71,7 @@ def main(argv):
             loop_ce.append([ce(lg, y) for lg in model.loop_logits(out)])
             exit_p.append(out.exit_probs.mean((1, 2)).tolist())
             if meta.get("task") == "phop":
-                for p, (h, s) in T.accuracy_by_hops(model, x, y, meta, n_loops=n_loops,
+                for p, (h, s, _) in T.accuracy_by_hops(model, x, y, meta, n_loops=n_loops,
                                                     exit_threshold=threshold, chunk_size=chunk).items():
                     a, b = by_hops.get(p, (0, 0))
                     by_hops[p] = (a + h, b + s)
@@ -71,8 +83,8 @@ def main(argv):
                    exit_threshold=threshold)
         if by_hops:
             rec["accuracy_by_hops"] = {p: round(h / max(s, 1), 4) for p, (h, s) in by_hops.items()}
+        rec["kv_bytes_per_token"] = model.kv_bytes_per_token(n_loops)
         cache = model.new_cache(1, c.block_size, n_loops=n_loops, device=device)
-        rec["kv_bytes_per_token"] = cache.nbytes // c.block_size
         prompt = torch.zeros((1, min(32, c.block_size // 2)), dtype=torch.long, device=device)
         n_new = min(64, c.block_size - prompt.shape[1])
         stream = model.generate_stream(prompt, n_new, temperature=0, cache=cache, n_loops=n_loops,

@@ -27,12 +27,21 @@ melt_sweeps_phase1), melt_no_align (phase 2 with beta=0, compared with melt_swee
 inference (looplm_depth, melt_depth: the LoopLM and melt_sweeps run at 1..8 loops). Not in
 --rows=all (CPU time), by name only: melt_no_interp and melt_scalar_gate, those phase-1 ablations
 carried through phase 2.
+
+The dial (--rows=dial, also in --rows=all): compute at constant memory. dial_looplm trains with
+Ouro's objective (every loop's exit a predictor) at dial_loops loops; dial_melt_phase1 and dial_melt
+convert it (phases 1 and 2 with sweeps, each step at a loop count drawn from [dial_min_loops,
+dial_loops], phase 2 distilling every loop). Both are scored at every loop count from 1 to twice
+the trained one (rows with n_loops; the LoopLM's KV bytes grow with the loops, MELT's do not), and
+with adaptive exit (dial_looplm_exit, dial_melt_exit: exit_threshold dial_exit, with mean_loops,
+the mean loop each answer came from). Pictures: OUT/lesson.png, OUT/dial.png.
 """
 
 import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -44,7 +53,8 @@ import distill  # noqa: E402
 import train as T  # noqa: E402
 from config import coerce  # noqa: E402
 from data.prepare import prepare_phop  # noqa: E402
-from melt import load_model  # noqa: E402
+from serve.checkpoint import load_model  # noqa: E402
+from serve.runtime import pick_device, set_threads  # noqa: E402
 
 
 @dataclass
@@ -77,6 +87,11 @@ class Setting:
     sweeps_grad: str = "all"    # melt_sweeps: "all" passes in the graph, or "last" (MeltConfig.sweeps_grad)
     depths: tuple = (1, 2, 3, 4, 5, 6, 8)   # loops at inference for the depth rows
     eval_interval: int = 500    # steps between train.py's evals (its log), for the base models
+    dial_loops: int = 6         # the dial: loops dial_looplm trains with (scored at 1 .. 2 x this)
+    dial_steps: int = 1500      # its steps
+    entropy_weight: float = 1.0  # its objective, Ouro's: sum_t p_t CE_t - entropy_weight H(p) (loss=expected_loss)
+    dial_min_loops: int = 1     # MELT's dial phases draw each step's loop count from [this, dial_loops]
+    dial_exit: float = 0.5      # exit_threshold of the adaptive-exit rows
 
 
 SETTINGS = {
@@ -88,14 +103,16 @@ SETTINGS = {
     # seconds, for the end-to-end test
     "toy": Setting(alphabet=4, seq_len=12, hops=(1, 2), n_train=400, n_val=40, n_embd=32, n_head=2, n_layer=1,
                    n_loop=2, batch_size=8, steps=12, phase1_steps=6, alpha_steps=3, phase2_steps=4, chunk_size=4, sweeps=1,
-                   depths=(1, 2, 3), eval_interval=6),
+                   depths=(1, 2, 3), eval_interval=6, dial_loops=3, dial_steps=12),
 }
 CORE = ("standard", "standard_deep", "looplm", "zero_shot_last", "zero_shot_mean", "zero_shot_first",
         "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps")   # what the claims rest on (--rows=core)
 TRAINED = ("standard", "standard_deep", "looplm", "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps",
            "melt_no_interp_phase1", "melt_no_align", "melt_scalar_gate_phase1")
 SCORED = ("zero_shot_last", "zero_shot_mean", "zero_shot_first", "looplm_depth", "melt_depth")
-ALL = TRAINED + SCORED                          # --rows=all: the lesson, within the CPU budget
+DIAL = ("dial_looplm", "dial_melt_phase1", "dial_melt", "dial_looplm_exit", "dial_melt_exit")   # --rows=dial
+DIALED = ("dial_looplm", "dial_melt")           # scored at every loop count from 1 to 2 x dial_loops
+ALL = TRAINED + SCORED + DIAL                   # --rows=all
 EXTRA = ("melt_no_interp", "melt_scalar_gate")  # the phase-1 ablations carried through phase 2 (by name only)
 ROWS = ALL + EXTRA
 
@@ -114,7 +131,24 @@ def with_sets(s, sets):
             changes[key] = tuple(int(v) for v in value.split(",")) if typ is tuple else coerce(key, value, typ)
         except (ValueError, T.ConfigError):
             raise T.ConfigError(f"--set {item!r}: {value!r} is not of type {types[key].__name__}") from None
-    return replace(s, **changes)
+    return check_setting(replace(s, **changes))
+
+
+def check_setting(s):
+    """Refuse a setting that cannot make the task or train, naming the field."""
+    bad = next((msg for ok, msg in [
+        (2 <= s.alphabet <= 64, f"alphabet={s.alphabet} must be in [2, 64]"),
+        (s.hops and min(s.hops) >= 1, f"hops={s.hops} must be hop counts >= 1"),
+        (s.seq_len >= max(s.hops or (1,)) + 2, f"seq_len={s.seq_len} is too short for hops={s.hops}"),
+        (s.n_train >= s.batch_size and s.n_val >= 1, f"n_train={s.n_train} must be >= batch_size and n_val >= 1"),
+        (min(s.n_embd, s.n_head, s.n_layer, s.n_loop, s.batch_size, s.steps, s.phase1_steps, s.phase2_steps,
+             s.chunk_size, s.dial_loops, s.dial_steps, s.dial_min_loops) >= 1, "sizes and steps must be >= 1"),
+        (s.dial_min_loops <= s.dial_loops, f"dial_min_loops={s.dial_min_loops} must be <= dial_loops={s.dial_loops}"),
+        (0 < s.dial_exit <= 1, f"dial_exit={s.dial_exit} must be in (0, 1]"),
+        (s.depths and min(s.depths) >= 1, f"depths={s.depths} must be loop counts >= 1")] if not ok), None)
+    if bad:
+        raise T.ConfigError(f"bad setting: {bad}")
+    return s
 
 
 def common_args(s, seed, data_dir, out_dir, threads):
@@ -123,11 +157,12 @@ def common_args(s, seed, data_dir, out_dir, threads):
             f"--threads={threads}", "--overwrite=True", "--device=cpu" if threads else "--device=auto"]
 
 
-def base_args(s, n_layer, n_loop, cache):
+def base_args(s, n_layer, n_loop, cache, steps=None, loss="last"):
+    steps = steps or s.steps
     return [f"--n_layer={n_layer}", f"--n_loop={n_loop}", f"--cache={cache}", f"--n_embd={s.n_embd}",
-            f"--n_head={s.n_head}", "--loss=last", f"--max_iters={s.steps}", f"--lr={s.lr}", f"--min_lr={s.lr / 10}",
-            "--warmup_iters=100" if s.steps >= 400 else f"--warmup_iters={max(1, s.steps // 10)}",
-            f"--eval_interval={s.eval_interval}"]
+            f"--n_head={s.n_head}", f"--loss={loss}", f"--max_iters={steps}", f"--lr={s.lr}", f"--min_lr={s.lr / 10}",
+            "--warmup_iters=100" if steps >= 400 else f"--warmup_iters={max(1, steps // 10)}",
+            f"--eval_interval={s.eval_interval}"] + ([f"--entropy_weight={s.entropy_weight}"] if loss != "last" else [])
 
 
 def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
@@ -138,10 +173,10 @@ def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
             f"--eval_interval={n}"]
 
 
-def phase2_args(s, teacher, student, beta=0.1, sweeps=0):
+def phase2_args(s, teacher, student, beta=0.1, sweeps=0, kd_loops=None):
     n = s.phase2_steps
     return [f"--teacher={teacher}", f"--init_from={student}", f"--beta={beta}", f"--align_reduce={s.align_reduce}",
-            f"--sweeps={sweeps}", f"--kd_loops={s.kd_loops}", f"--max_iters={n}", f"--lr={s.phase2_lr}",
+            f"--sweeps={sweeps}", f"--kd_loops={kd_loops or s.kd_loops}", f"--max_iters={n}", f"--lr={s.phase2_lr}",
             f"--min_lr={s.phase2_lr / 10}", f"--warmup_iters={max(1, n // 10)}", f"--eval_interval={n}"]
 
 
@@ -170,6 +205,14 @@ def plan(s):
                                     ("looplm",)),
         "melt_scalar_gate": ("distill", lambda out: phase2_args(s, ck("looplm", out), ck("melt_scalar_gate_phase1", out),
                                                                 sweeps=k), ("melt_scalar_gate_phase1",)),
+        # the dial: every loop's exit trained (Ouro's objective); MELT's phases at a loop count drawn
+        # per step, phase 2 distilling every loop, so that the student can be read at any depth
+        "dial_looplm": ("train", lambda out: base_args(s, L, s.dial_loops, "loop", s.dial_steps, "expected_loss"), ()),
+        "dial_melt_phase1": ("train", lambda out: phase1_args(s, ck("dial_looplm", out), sweeps=k)
+                             + [f"--min_loops={s.dial_min_loops}"], ("dial_looplm",)),
+        "dial_melt": ("distill", lambda out: phase2_args(s, ck("dial_looplm", out), ck("dial_melt_phase1", out),
+                                                         sweeps=k, kd_loops="all")
+                      + [f"--min_loops={s.dial_min_loops}"], ("dial_melt_phase1",)),
     }
 
 
@@ -182,20 +225,34 @@ def ensure_data(s, out):
     return data_dir
 
 
-def setup(s, out, threads):
+def setup(s, out, threads, label=None):
     """(OUT/data, its meta, the device) for scoring or training in this process; threads > 0
-    forces the CPU at that many threads."""
-    if threads:
-        torch.set_num_threads(threads)
-    data_dir = ensure_data(s, out)
-    return data_dir, T.load_meta(data_dir), torch.device("cpu" if threads or not torch.cuda.is_available() else "cuda")
+    forces the CPU at that many threads. With label (a run, not --score): OUT belongs to one
+    setting (OUT/setting.json), and another is refused, so that results.json never mixes two."""
+    set_threads(threads)
+    os.makedirs(out, exist_ok=True)
+    if label is not None:
+        path, want = os.path.join(out, "setting.json"), dict(label=label, **asdict(s))
+        want = json.loads(json.dumps(want))   # tuples as lists, as read back
+        have = json.load(open(path)) if os.path.exists(path) else None
+        if have is not None and have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise T.ConfigError(f"{out} holds rows of another setting ({', '.join(f'{k}={have.get(k)!r}' for k in diff)}; "
+                                f"this run asks for {', '.join(f'{k}={want.get(k)!r}' for k in diff)}): use another --out")
+        if have is None:
+            with open(path + ".tmp", "w") as f:
+                json.dump(want, f)
+            os.replace(path + ".tmp", path)
+    data_dir = os.path.abspath(ensure_data(s, out))   # the rows' processes may run elsewhere
+    return data_dir, T.load_meta(data_dir), pick_device("cpu" if threads else "auto")
 
 
 def needs(row, steps):
-    """The rows `row` continues (trained rows) or scores (the zero-shot and depth rows)."""
+    """The rows `row` continues (trained rows) or scores (the zero-shot, depth and exit rows)."""
     if row in steps:
         return steps[row][2]
-    return ("melt_sweeps",) if row == "melt_depth" else ("looplm",)
+    return {"melt_depth": ("melt_sweeps",), "dial_looplm_exit": ("dial_looplm",),
+            "dial_melt_exit": ("dial_melt",)}.get(row, ("looplm",))
 
 
 def work(row, s, steps):
@@ -204,7 +261,10 @@ def work(row, s, steps):
     arguments (phase 1 and 2 keep the LoopLM's layers and loops)."""
     kind, args, _ = steps[row]
     a = dict(x[2:].split("=", 1) for x in args(""))
-    n = int(a["max_iters"]) * int(a.get("n_layer", s.n_layer)) * int(a.get("n_loop", s.n_loop))
+    loops = int(a.get("n_loop", s.dial_loops if row.startswith("dial") else s.n_loop))
+    if "min_loops" in a:   # a loop count drawn per step: the mean
+        loops = (loops + int(a["min_loops"])) / 2
+    n = int(a["max_iters"]) * int(a.get("n_layer", s.n_layer)) * loops
     return n * (1 + int(a.get("sweeps", 0)) + (kind == "distill"))
 
 
@@ -228,10 +288,9 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     table. Why: at the CPU setting's small shapes two 1-thread processes side by side do more work
     than one 2-thread process (a whole seed 1.11x faster on 2 cores: RESULTS.md). Of the rows
     ready to start, those with the longest chain of work ahead (critical_path) go first."""
-    import subprocess
     s = with_sets(SETTINGS[setting], sets)
     steps = plan(s)
-    ensure_data(s, out)   # once, before the processes read it
+    setup(s, out, 0, label_of(setting, sets))   # OUT's setting checked, the data made once, before the processes read them
     todo = set()
 
     def want(r):   # the trained rows asked for, and every row they continue
@@ -246,12 +305,24 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     per_job = max(1, (threads or os.cpu_count() or 2) // jobs)
     on_cpu = threads or not torch.cuda.is_available()   # each process forced to the CPU, or all on the GPU
     running = {}
+    try:
+        schedule(todo, running, jobs, done, steps, setting, seed, out, per_job if on_cpu else 0, sets)
+    finally:   # an error or ^C here: no row left running on its own
+        for proc, _, _ in running.values():
+            proc.kill()
+    return run(setting, seed, out, rows, threads, sets)
+
+
+def schedule(todo, running, jobs, done, steps, setting, seed, out, threads, sets):
+    """run_parallel's loop: start the ready rows, `jobs` at a time, until every row is done."""
+    import subprocess
     while todo or running:
         for r in [r for r in todo if all(done(n) for n in needs(r, steps))][:jobs - len(running)]:
             todo.remove(r)
             os.makedirs(os.path.join(out, r), exist_ok=True)
             argv = [sys.executable, os.path.abspath(__file__), f"--setting={setting}", f"--seed={seed}", f"--out={out}",
-                    f"--rows={r}", f"--threads={per_job if on_cpu else 0}", "--jobs=1"] + [f"--set={x}" for x in sets]
+                    f"--rows={r}", f"--threads={threads}", "--jobs=1", f"--parent={os.getpid()}"] \
+                + [f"--set={x}" for x in sets]
             log = open(os.path.join(out, r, "lesson.log"), "w")
             running[r] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
             print(f"== {r}: started (log {log.name})", flush=True)
@@ -262,25 +333,35 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
             log.close()
             del running[r]
             if proc.returncode != 0 or not done(r):
-                for other, _, _ in running.values():
-                    other.kill()
                 raise T.ConfigError(f"row {r} failed (exit status {proc.returncode}): see {log.name}")
             print(f"== {r}: done in {time.time() - t0:.0f} s", flush=True)
-    return run(setting, seed, out, rows, threads, sets)
+
+
+def die_with(parent):
+    """In a row's own process: stop when the lesson process that started it ends, even killed with
+    -9 (no signal reaches the row then; its parent changes), so that no row is left writing and a
+    rerun never meets a second writer (train.py's out_dir lock would refuse it anyway)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 @torch.no_grad()
-def score(model, data_dir, meta, batch_size, device, n_loops=None):
-    """{p: accuracy} over every validation row, at decode semantics."""
+def score(model, data_dir, meta, batch_size, device, n_loops=None, exit_threshold=None, loops=False):
+    """{p: accuracy} over every validation row, at decode semantics; loops=True: {p: (accuracy,
+    mean loop the answers came from)}."""
     model.eval().to(device)
     xs, ys = T.Batches(data_dir, meta, meta["seq_len"], batch_size, 1).rows("val")
-    total = {p: [0, 0] for p in meta["hops"]}
+    total = {p: [0, 0, 0] for p in meta["hops"]}
     for i in range(0, len(xs), 4 * batch_size):
         x, y = xs[i:i + 4 * batch_size].to(device), ys[i:i + 4 * batch_size].to(device)
-        for p, (h, n) in T.accuracy_by_hops(model, x, y, meta, n_loops=n_loops).items():
-            total[p][0] += h
-            total[p][1] += n
-    return {p: h / max(n, 1) for p, (h, n) in total.items()}
+        for p, got in T.accuracy_by_hops(model, x, y, meta, n_loops=n_loops, exit_threshold=exit_threshold).items():
+            total[p] = [a + b for a, b in zip(total[p], got)]
+    if loops:
+        return {p: (h / max(n, 1), u / max(n, 1)) for p, (h, n, u) in total.items()}
+    return {p: h / max(n, 1) for p, (h, n, _) in total.items()}
 
 
 def score_checkpoints(setting, seed, out, paths, threads, sets=()):
@@ -291,22 +372,22 @@ def score_checkpoints(setting, seed, out, paths, threads, sets=()):
     data_dir, meta, device = setup(s, out, threads)
     got = {}
     for path in paths:
-        model, _ = load_model(path)
+        model, saved_meta = load_model(path)
+        T.check_model_against_data(model.config, meta, data_dir, saved_meta)   # trained on these data's tokens
         got[path] = score(model, data_dir, meta, s.batch_size, device)
         print(f"{path}: " + "  ".join(f"p={p} {a:.3f}" for p, a in got[path].items()), flush=True)
     return got
 
 
-def kv_bytes_per_token(model, n_loops=None):
-    cache = model.new_cache(1, 1, n_loops=n_loops, device="cpu")
-    return cache.nbytes
+def label_of(setting, sets):
+    return setting + "".join(f" {x}" for x in sets)   # each row says what it ran with
 
 
 def run(setting, seed, out, rows, threads, sets=()):
     s = with_sets(SETTINGS[setting], sets)
-    label = setting + "".join(f" {x}" for x in sets)   # each row says what it ran with
+    label = label_of(setting, sets)
     print(f"setting {label}: {asdict(s)}", flush=True)
-    data_dir, meta, device = setup(s, out, threads)
+    data_dir, meta, device = setup(s, out, threads, label)
     steps = plan(s)
     results = []
 
@@ -338,22 +419,28 @@ def run(setting, seed, out, rows, threads, sets=()):
             own = time.time() - t0
             total = own + sum(done(n)[0]["total_seconds"] for n in steps[row][2])
             model, _ = load_model(os.path.join(row_dir, "ckpt.pt"))
-            scored.append((row, None, model, own, total))
+            depths = range(1, 2 * s.dial_loops + 1) if row in DIALED else [None]
+            scored += [(row, d, model, own, total) for d in depths]
         elif row.startswith("zero_shot_"):
             model, _ = load_model(os.path.join(out, "looplm", "ckpt.pt"), cache="shared", gate=row[len("zero_shot_"):])
             scored.append((row, None, model, 0.0, done("looplm")[0]["total_seconds"]))
+        elif row.endswith("_exit"):   # adaptive depth: each token stops where its exit gate says
+            src = done(needs(row, steps)[0])[0]
+            model, _ = load_model(os.path.join(out, src["model"], "ckpt.pt"), exit_threshold=s.dial_exit)
+            scored.append((row, None, model, 0.0, src["total_seconds"]))
         else:   # depth at inference
             src = done({"looplm_depth": "looplm", "melt_depth": "melt_sweeps"}[row])[0]
             model, _ = load_model(os.path.join(out, src["model"], "ckpt.pt"))
             scored += [(row, d, model, 0.0, src["total_seconds"]) for d in s.depths]
         rows_out = []
         for name, n_loops, model, own, total in scored:
-            acc = score(model, data_dir, meta, s.batch_size, device, n_loops)
-            kv = kv_bytes_per_token(model, n_loops)
-            for p, a in acc.items():
+            acc = score(model, data_dir, meta, s.batch_size, device, n_loops, loops=True)
+            kv = model.kv_bytes_per_token(n_loops, dtype=torch.float32)
+            for p, (a, used) in acc.items():
                 rows_out.append(dict(model=name, hops=p, accuracy=round(a, 4), kv_bytes_per_token=kv, seed=seed,
                                      train_seconds=round(own, 1), total_seconds=round(total, 1),
-                                     n_loops=n_loops or model.config.n_loop, setting=label))
+                                     n_loops=n_loops or model.config.n_loop, setting=label,
+                                     **({"mean_loops": round(used, 3)} if name.endswith("_exit") else {})))
         with open(os.path.join(row_dir, "row.json.tmp"), "w") as f:
             json.dump(rows_out, f)
         os.replace(os.path.join(row_dir, "row.json.tmp"), os.path.join(row_dir, "row.json"))
@@ -366,6 +453,8 @@ def run(setting, seed, out, rows, threads, sets=()):
         json.dump(results, f, indent=1)
     print(table(results))
     plot(results, os.path.join(out, "lesson.png"))
+    if any(r["model"] in DIALED for r in results):
+        plot_dial(results, os.path.join(out, "dial.png"))
     return results
 
 
@@ -375,7 +464,7 @@ def table(results, seeds=False):
     hops = sorted({r["hops"] for r in results})
     keyed = {}
     for r in results:
-        name = r["model"] + (f" @{r['n_loops']}" if r["model"].endswith("_depth") else "")
+        name = r["model"] + (f" @{r['n_loops']}" if r["model"].endswith("_depth") or r["model"] in DIALED else "")
         keyed.setdefault(name, {}).setdefault(r["hops"], []).append(r)
     head = "| model | " + " | ".join(f"p={p}" for p in hops) + " | KV bytes/token | train s |" + (" seeds |" if seeds else "")
     lines = [head, "|" + "---|" * (len(hops) + 3 + seeds)]
@@ -383,8 +472,10 @@ def table(results, seeds=False):
         cells = []
         for p in hops:
             accs = [r["accuracy"] for r in by_p.get(p, [])]
+            used = [r["mean_loops"] for r in by_p.get(p, []) if "mean_loops" in r]
             cells.append("-" if not accs else f"{sum(accs) / len(accs):.3f}" +
-                         (f" ({min(accs):.3f})" if seeds and len(accs) > 1 else ""))
+                         (f" ({min(accs):.3f})" if seeds and len(accs) > 1 else "") +
+                         (f" @{sum(used) / len(used):.2f} loops" if used else ""))
         any_r = next(iter(by_p.values()))
         secs = [r["train_seconds"] for r in any_r]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {any_r[0]['kv_bytes_per_token']:,} | "
@@ -392,48 +483,122 @@ def table(results, seeds=False):
     return "\n".join(lines)
 
 
-def plot(results, path):
-    """Accuracy per p for each model, and KV bytes per token beside it."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print(f"(matplotlib is not installed: no {path}; pip install matplotlib)")
+        print("(matplotlib is not installed: no pictures; pip install matplotlib)")
+        return None
+
+
+STORY = {"standard": "standard (2 x 1)", "looplm": "LoopLM (2 x 4)",
+         "standard_deep": "standard, 4x the weights (8 x 1)", "zero_shot_last": "zero-shot sharing, last", "zero_shot_mean": "zero-shot, mean",
+         "zero_shot_first": "zero-shot, first", "melt_sweeps": "MELT (2 x 4, one slot)"}   # the lead panel's points
+
+
+def plot(results, path):
+    """The lesson at a glance: accuracy at the hardest p against KV bytes per token, one labelled
+    point per model of the story (STORY; the seeds' range as a bar where there are several), then
+    the accuracy per p of every model beside it."""
+    plt = _pyplot()
+    main = [r for r in results if not r["model"].endswith(("_depth", "_exit")) and r["model"] not in DIALED]
+    if plt is None or not main:
         return
-    main = [r for r in results if not r["model"].endswith("_depth")]
     models = list(dict.fromkeys(r["model"] for r in main))
     hops = sorted({r["hops"] for r in main})
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[3, 1]))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw=dict(width_ratios=[1, 1.4]))
+    placed = {}
+    for m, label in STORY.items():
+        accs = [r["accuracy"] for r in main if r["model"] == m and r["hops"] == hops[-1]]
+        if not accs:
+            continue
+        kv = next(r["kv_bytes_per_token"] for r in main if r["model"] == m)
+        k = placed.get(kv, 0)   # models holding the same bytes: side by side, labels apart
+        x, placed[kv] = kv * (1 + 0.12 * k), k + 1
+        mean = sum(accs) / len(accs)
+        color = ("tab:red" if m.startswith("zero_shot") else "tab:green" if m.startswith("melt") else
+                 "tab:blue" if m == "looplm" else "tab:gray")
+        ax.errorbar([x], [mean], yerr=[[mean - min(accs)], [max(accs) - mean]], fmt="o", ms=8, color=color, capsize=3)
+        ax.annotate(label, (x, mean), textcoords="offset points", xytext=(8, 4 - 14 * (k % 2)), fontsize=9, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(min(placed) / 1.5, max(placed) * 3)
+    ax.set_xlabel("KV-cache bytes per token (log scale)")
+    ax.set_ylabel(f"accuracy at p = {hops[-1]}, decode semantics")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("looping buys depth; MELT keeps it at a quarter of the memory")
     w = 0.8 / len(hops)
     for j, p in enumerate(hops):
         vals = []
         for m in models:
             accs = [r["accuracy"] for r in main if r["model"] == m and r["hops"] == p]
             vals.append(sum(accs) / len(accs) if accs else 0)
-        ax.bar([i + j * w for i in range(len(models))], vals, w, label=f"p = {p}")
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(models))], models, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy at decode semantics")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("p-hop induction: accuracy per hop count")
-    kv = {m: next(r["kv_bytes_per_token"] for r in main if r["model"] == m) for m in models}
-    bx.barh(list(kv), list(kv.values()), color="gray")
-    bx.invert_yaxis()
-    bx.tick_params(axis="y", labelsize=8)
-    bx.set_xlabel("KV-cache bytes per token")
+        bx.bar([i + j * w for i in range(len(models))], vals, w, label=f"p = {p}")
+    bx.set_xticks([i + 0.4 - w / 2 for i in range(len(models))], models, rotation=40, ha="right", fontsize=8)
+    bx.set_ylim(0, 1)
+    bx.legend(fontsize=7, ncol=2)
+    bx.set_title("accuracy per hop count p, every row")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
+def plot_dial(results, path):
+    """The dial: accuracy against loops run, one line per p (the staircase), for the LoopLM and
+    MELT side by side; KV bytes per token against loops; the loops adaptive exit uses per p."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)
+    hops = sorted({r["hops"] for r in results if r["model"] in DIALED})
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
+    for ax, m in zip(axes[:2], DIALED):
+        for p in hops:
+            rs = [r for r in results if r["model"] == m and r["hops"] == p]
+            loops = sorted({r["n_loops"] for r in rs})
+            ax.plot(loops, [mean([r for r in rs if r["n_loops"] == d], "accuracy") for d in loops], "o-", ms=3,
+                    label=f"p = {p}")
+        ax.set_title(f"{m}: accuracy by loops run")
+        ax.set_xlabel("loops run at inference")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("accuracy (decode semantics)")
+    for m, style in zip(DIALED, ("o-", "s--")):
+        rs = {r["n_loops"]: r["kv_bytes_per_token"] for r in results if r["model"] == m}
+        axes[2].plot(sorted(rs), [rs[d] for d in sorted(rs)], style, label=m)
+    axes[2].set_title("KV-cache bytes per token")
+    axes[2].set_xlabel("loops run at inference")
+    axes[2].legend(fontsize=8)
+    w = 0.4
+    for i, m in enumerate(("dial_looplm_exit", "dial_melt_exit")):
+        rs = [r for r in results if r["model"] == m]
+        if rs:
+            axes[3].bar([p + (i - 0.5) * w for p in hops], [mean([r for r in rs if r["hops"] == p], "mean_loops")
+                                                            for p in hops], w, label=m)
+    axes[3].set_title("adaptive exit: mean loops used")
+    axes[3].set_xlabel("hop count p")
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+class _Args(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit status 2, like every script's mistakes (config.run_cli)
+        raise T.ConfigError(message)
+
+
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Args(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None, help="default out-lesson/<setting>_s<seed>")
-    ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows) or 'all' "
-                    "(every row but " + ", ".join(EXTRA) + ")")
+    ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows), 'dial' (the dial's "
+                    "rows) or 'all' (every row but " + ", ".join(EXTRA) + ")")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (and force the CPU); 0: the GPU if any")
     ap.add_argument("--jobs", type=int, default=0, help="trained rows run side by side, each in its own process "
                     "with threads/jobs threads; 0: 2 on a CPU, 1 on a GPU")
@@ -442,14 +607,26 @@ def main(argv):
     ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
     ap.add_argument("--score", nargs="+", metavar="CKPT", help="score these checkpoints on OUT/data's validation "
                     "rows (made for --setting and --seed if absent) at decode semantics, per p")
+    ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)   # a row's process: run_parallel's pid
     a = ap.parse_args(argv)
+    if a.parent:
+        die_with(a.parent)
+    if a.threads < 0 or a.jobs < 0:
+        raise T.ConfigError(f"--threads={a.threads} and --jobs={a.jobs} must be >= 0 (0: the default)")
     if a.report:
+        missing = [d for d in a.report if not os.path.isdir(d)]
         results = [r for d in a.report for row in ROWS if os.path.exists(os.path.join(d, row, "row.json"))
                    for r in json.load(open(os.path.join(d, row, "row.json")))]   # every row done so far
+        if missing or not results:
+            raise T.ConfigError(f"--report: {', '.join(missing) or ' '.join(a.report)} "
+                                f"{'does not exist' if missing else 'holds no finished row (OUT/ROW/row.json)'}")
         print(table(results, seeds=True))
         plot(results, os.path.join(a.report[0], "lesson_seeds.png"))
+        if any(r["model"] in DIALED for r in results):
+            plot_dial(results, os.path.join(a.report[0], "dial_seeds.png"))
         return
-    rows = list(ALL) if a.rows == "all" else list(CORE) if a.rows == "core" else a.rows.split(",")
+    named = {"all": ALL, "core": CORE, "dial": DIAL}
+    rows = list(named[a.rows]) if a.rows in named else a.rows.split(",")
     bad = sorted(set(rows) - set(ROWS))
     if bad:
         raise T.ConfigError(f"unknown rows {bad}; rows: {', '.join(ROWS)}")

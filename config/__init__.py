@@ -19,9 +19,10 @@ def _field_types(cls):
     return {f.name: f.type for f in fields(cls)}   # real types: this file has no postponed annotations
 
 
-def coerce(key, value, typ):
-    """Turn the string value of --key=value (or a config-file literal) into the field's type."""
-    if isinstance(value, str) and typ is not str:
+def coerce(key, value, typ, text=True):
+    """The value of --key=value (text=True: a string to read as the field's type) or of a config
+    file (text=False: a Python literal, which must already be of the type: "10" is no int)."""
+    if text and isinstance(value, str) and typ is not str:
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -62,20 +63,20 @@ def read_config_file(path):
 def parse_config(argv, train_cls):
     """argv -> (train_cls instance, MeltConfig keys the user set). Config files first, then --key=value."""
     ttypes, mtypes = _field_types(train_cls), _field_types(MeltConfig)
-    given = {}
+    given = {}   # key -> (value, given as text on the command line)
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ConfigError(f"{arg}: write --key=value")
             key, value = arg[2:].split("=", 1)
-            given[key] = value
+            given[key] = (value, True)
         else:
-            given.update(read_config_file(arg))
+            given.update({k: (v, False) for k, v in read_config_file(arg).items()})
     unknown = sorted(set(given) - set(ttypes) - set(mtypes))
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(set(ttypes) | set(mtypes))}")
-    train = {k: coerce(k, v, ttypes[k]) for k, v in given.items() if k in ttypes}
-    model = {k: coerce(k, v, mtypes[k]) for k, v in given.items() if k in mtypes and k not in ttypes}
+    train = {k: coerce(k, v[0], ttypes[k], v[1]) for k, v in given.items() if k in ttypes}
+    model = {k: coerce(k, v[0], mtypes[k], v[1]) for k, v in given.items() if k in mtypes and k not in ttypes}
     cfg = train_cls(**train)
     cfg._given = set(train)   # the keys the user set (init_from=resume keeps the saved ones of the rest)
     return cfg, model

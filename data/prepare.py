@@ -179,8 +179,19 @@ def finish(out_dir, meta, train_ids, val_ids, targets=None):
     return meta
 
 
+def tokenizer_json(tokenizer_path):
+    """The tokenizer.json a --tokenizer=PATH names (a directory holding one, or the file), checked
+    before anything is downloaded or written."""
+    tj = tokenizer_path if tokenizer_path.endswith(".json") else os.path.join(tokenizer_path, "tokenizer.json")
+    if not os.path.isfile(tj):
+        raise FileNotFoundError(f"no tokenizer.json at {tj} (--tokenizer takes char, gpt2, or an Ouro directory)")
+    return tj
+
+
 def prepare_shakespeare(out_dir, tokenizer="char"):
     """tokenizer: "char", "gpt2", or a directory / file holding a Hugging Face tokenizer.json."""
+    if tokenizer not in ("char", "gpt2"):
+        tokenizer_json(tokenizer)
     works = shakespeare_works()
     train, val = split_works(works)
     os.makedirs(out_dir, exist_ok=True)
@@ -206,10 +217,11 @@ def prepare_text(out_dir, tokenizer_path, text_path=None, docs=None, meta=None, 
     a Hugging Face tokenizer.json (an Ouro checkpoint's). Validation: the last 10% of documents
     (.jsonl) or of the text (.txt)."""
     from tokenizers import Tokenizer
-    tj = tokenizer_path if tokenizer_path.endswith(".json") else os.path.join(tokenizer_path, "tokenizer.json")
-    if not os.path.isfile(tj):
-        raise FileNotFoundError(f"no tokenizer.json at {tj}")
-    tok = Tokenizer.from_file(tj)
+    tj = tokenizer_json(tokenizer_path)
+    try:
+        tok = Tokenizer.from_file(tj)
+    except Exception as e:   # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{tj} is not a readable tokenizer.json ({str(e)[:80]})") from None
     if docs is None:
         if text_path.endswith(".jsonl"):
             with open(text_path) as f:
@@ -272,8 +284,11 @@ def prepare_phop(out_dir, alphabet=4, seq_len=64, hops=(1, 2, 3, 4), n_train=100
     """The p-hop dataset: {split}.bin the inputs, {split}_targets.bin (int16) the targets, rows of
     seq_len + 1 tokens side by side. Symbols print as letters, the p token as its digit."""
     hops = sorted({int(h) for h in hops})
-    if not (2 <= alphabet <= len(PHOP_SYMBOLS) and seq_len >= 2 and hops and 1 <= hops[0] and hops[-1] <= 9):
-        raise ValueError(f"p-hop wants 2 <= alphabet <= 26, seq_len >= 2, hops in 1..9; got {alphabet}, {seq_len}, {hops}")
+    if not (2 <= alphabet <= len(PHOP_SYMBOLS) and 2 <= seq_len <= 65_535 and hops and 1 <= hops[0] and hops[-1] <= 9):
+        raise ValueError(f"p-hop wants 2 <= alphabet <= 26, 2 <= seq_len <= 65535, hops in 1..9; got {alphabet}, {seq_len}, {hops}")
+    if not (n_train >= 1 and n_val >= 1 and (n_train + n_val) * (seq_len + 1) <= 1_000_000_000):
+        raise ValueError(f"p-hop wants n_train, n_val >= 1 and at most 1e9 tokens in all; got {n_train}, {n_val} "
+                         f"rows of {seq_len + 1}")
     chars = list(PHOP_SYMBOLS[:alphabet]) + [str(h) for h in range(1, hops[-1] + 1)]
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(tokenizer="char", chars=chars, vocab_size=len(chars), targets=True, task="phop",
@@ -294,6 +309,8 @@ BUILTIN = {
 def ensure_dataset(name):
     """Path of data/<name>, preparing a built-in dataset when its files are missing."""
     out_dir = name if os.path.isabs(name) else os.path.join(DATA_DIR, name)
+    if not os.path.isabs(name) and os.path.exists(os.path.join(name, "meta.json")):
+        out_dir = os.path.abspath(name)   # a prepared folder given relative to the working directory
     if not os.path.exists(os.path.join(out_dir, "meta.json")):
         if name not in BUILTIN:
             raise FileNotFoundError(f"dataset {name!r} is not prepared (no {out_dir}/meta.json) and is not "
@@ -306,37 +323,48 @@ def ensure_dataset(name):
 OPTIONS = {"name", "tokenizer", "text", "alphabet", "seq_len", "hops", "n_train", "n_val", "seed"}
 
 
+def fail(msg):
+    """A user's mistake: one line on stderr, exit status 2 (as train.py and the other scripts)."""
+    print(f"prepare.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     bad = [a for a in argv if not (a.startswith("--") and "=" in a)]
     args = dict(a[2:].split("=", 1) for a in argv if a not in bad)
     unknown = sorted(set(args) - OPTIONS)
     if bad or unknown:
-        sys.exit(f"prepare.py: unknown options {bad + unknown}; valid: --{', --'.join(sorted(OPTIONS))} (as --key=value)")
+        fail(f"unknown options {bad + unknown}; valid: --{', --'.join(sorted(OPTIONS))} (as --key=value)")
     name = args.pop("name", "shakespeare_char")
     if not name or os.path.basename(name) != name or name.startswith("."):
-        sys.exit(f"prepare.py: --name={name!r} must be a plain folder name under data/")
+        fail(f"--name={name!r} must be a plain folder name under data/")
     out_dir = os.path.join(DATA_DIR, name)
+    phop = {"alphabet", "seq_len", "hops", "n_train", "n_val", "seed"}
+    kind, applies = (("text", {"tokenizer", "text"}) if "tokenizer" in args and "text" in args else
+                     ("shakespeare", {"tokenizer"}) if "tokenizer" in args else
+                     ("phop", phop) if name == "phop" or args.keys() & phop else
+                     ("builtin", set()) if name in BUILTIN else (None, set()))
+    if kind is None:
+        fail("say --tokenizer=char|gpt2|PATH (and --text=FILE for your own text), "
+             "or --alphabet/--seq_len/--hops for a p-hop dataset")
+    if set(args) - applies:
+        fail(f"options {sorted(set(args) - applies)} do not apply to this dataset")
     try:
-        if "tokenizer" in args and "text" in args:
-            prepare_text(out_dir, args.pop("tokenizer"), text_path=args.pop("text"))
-        elif "tokenizer" in args:
-            prepare_shakespeare(out_dir, args.pop("tokenizer"))
-        elif name == "phop" or args.keys() & {"alphabet", "seq_len", "hops"}:
-            prepare_phop(out_dir, alphabet=int(args.pop("alphabet", 4)), seq_len=int(args.pop("seq_len", 64)),
-                         hops=[int(h) for h in args.pop("hops", "1,2,3,4").split(",")],
-                         n_train=int(args.pop("n_train", 100_000)), n_val=int(args.pop("n_val", 2_000)),
-                         seed=int(args.pop("seed", 0)))
-        elif name in BUILTIN:
-            BUILTIN[name](out_dir)
+        if kind == "text":
+            prepare_text(out_dir, args["tokenizer"], text_path=args["text"])
+        elif kind == "shakespeare":
+            prepare_shakespeare(out_dir, args["tokenizer"])
+        elif kind == "phop":
+            prepare_phop(out_dir, alphabet=int(args.get("alphabet", 4)), seq_len=int(args.get("seq_len", 64)),
+                         hops=[int(h) for h in args.get("hops", "1,2,3,4").split(",")],
+                         n_train=int(args.get("n_train", 100_000)), n_val=int(args.get("n_val", 2_000)),
+                         seed=int(args.get("seed", 0)))
         else:
-            sys.exit("prepare.py: say --tokenizer=char|gpt2|PATH (and --text=FILE for your own text), "
-                     "or --alphabet/--seq_len/--hops for a p-hop dataset")
+            BUILTIN[name](out_dir)
     except (ValueError, OSError, RuntimeError) as e:
         if os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)   # leave nothing half-made behind
-        sys.exit(f"prepare.py: error: {e}")
-    if args:
-        sys.exit(f"prepare.py: options {sorted(args)} do not apply to this dataset")
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from conftest import OURO_TINY, ROOT, run_train
 from melt import MELT
 from test_melt import load_reference
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "dev"))
 import ouro_step  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
 
 
 def test_ouro_shaped_step_runs_phase_2_from_a_student_that_is_the_teacher():
-    """bench/ouro_step.py (#24 goal 4's measurement, run on a GPU at Ouro-1.4B's shapes) at its tiny
+    """dev/ouro_step.py (phase 2 at Ouro-1.4B's shapes, a GPU measurement) at its tiny
     shape on the CPU: the student starts with every teacher weight (the gates its own), the
     micro-batches give finite losses over config/ouro_distill.py's 2,048-token rows cut to 16, and
     the optimizer's step moves the student's weights, never the frozen teacher's (both compared

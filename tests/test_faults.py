@@ -162,3 +162,192 @@ def test_plain_mistakes_are_one_line_errors(tiny_data, tmp_path):
         assert res.returncode == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
     debug = cli("train.py", *base, "--batch_size=0", "--debug=True")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# ---- one run per out_dir, nothing lost, nothing misread -------------------------------------------
+
+def lesson_rows(parent):
+    """Pids of the row processes a lesson.py process started (their command line names it)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"--parent={parent}".encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_distill_never_replaces_a_checkpoint_silently(ouro_data, tmp_path):
+    """distill.py into an out_dir that holds a checkpoint is refused without --overwrite=True,
+    the checkpoint and its log untouched; with it, the old run is moved whole into previous/."""
+    from test_distill import run_distill
+    run_distill(ouro_data, tmp_path, "--max_iters=4", "--eval_interval=4")
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    log_before = open(tmp_path / "log.jsonl").read()
+    with pytest.raises(trainer.ConfigError, match="exists: continue it with --init_from=resume"):
+        run_distill(ouro_data, tmp_path, "--max_iters=2", "--eval_interval=2")
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert after["step"] == before["step"] == 4 and open(tmp_path / "log.jsonl").read() == log_before
+    _, log = run_distill(ouro_data, tmp_path, "--max_iters=2", "--eval_interval=2", "--overwrite=True")
+    assert [r["step"] for r in log] == [0, 2]
+    assert torch.load(tmp_path / "previous" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert open(tmp_path / "previous" / "log.jsonl").read() == log_before
+
+
+def test_an_overwrite_keeps_the_old_run_whole_until_it_is_moved_aside(tiny_data, tmp_path):
+    """A run with --overwrite=True that dies before its first checkpoint leaves no mix of two runs:
+    the old checkpoint and log together in previous/, out_dir without the old checkpoint."""
+    run_train(tiny_data, tmp_path, "--max_iters=10")
+    old_log = open(tmp_path / "log.jsonl").read()
+    with pytest.raises(trainer.ConfigError, match="loss became nan"):
+        run_train(tiny_data, tmp_path, "--max_iters=10", "--overwrite=True", "--lr=1e30", "--eval_interval=100")
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "previous" / "ckpt.pt", weights_only=True)["step"] == 10
+    assert open(tmp_path / "previous" / "log.jsonl").read() == old_log
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused(tiny_data, tmp_path):
+    """While one train.py holds an out_dir, a second into it exits 2 with one line naming the
+    holder's pid; once the first ends (even killed with -9: the lock dies with the process), the
+    folder is free again."""
+    out = tmp_path / "o"
+    args = [os.path.join(ROOT, "train.py"), f"--dataset={tiny_data}", f"--out_dir={out}", "--n_layer=1",
+            "--n_embd=32", "--n_head=2", "--block_size=32", "--chunk_size=8", "--sample_tokens=0", "--eval_iters=1",
+            "--device=cpu", "--threads=1"]
+    first = subprocess.Popen([sys.executable, *args, "--max_iters=100000"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        for line in first.stdout:   # the first eval is written once the run holds the folder
+            if line.startswith("step 0 |"):
+                break
+        second = cli("train.py", *args[1:], "--max_iters=2", "--overwrite=True")
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"is in use by another run (pid {first.pid})" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    again = cli("train.py", *args[1:], "--max_iters=2", "--overwrite=True")
+    assert again.returncode == 0, again.stderr
+
+
+def test_killing_the_lesson_leaves_no_row_running(tmp_path):
+    """kill -9 of bench/lesson.py (rows side by side in their own processes) leaves no row process
+    running: each notices its parent is gone and stops within a second or two."""
+    import signal
+    import time
+    out = tmp_path / "toy"
+    parent = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "lesson.py"), "--setting=toy",
+                               f"--out={out}", "--threads=2", "--jobs=2", "--rows=standard_deep,looplm",
+                               "--set=steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 60
+    while len(lesson_rows(parent.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    rows = lesson_rows(parent.pid)
+    assert len(rows) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in rows) \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in rows if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert alive == []
+
+
+def test_resume_says_which_model_keys_changed(tiny_data, tmp_path, capsys):
+    """A model key given on resume (chunk_size) is printed beside its saved value, like the
+    training keys, instead of changing without a word."""
+    run_train(tiny_data, tmp_path, "--max_iters=10", "--cache=shared")
+    capsys.readouterr()
+    run_train(tiny_data, tmp_path, "--init_from=resume", "--max_iters=12", "--chunk_size=16")
+    assert "chunk_size=16 (was 8)" in capsys.readouterr().out
+
+
+def test_options_that_would_do_nothing_are_refused(tiny_data, ouro_data, tmp_path):
+    """Settings a run would ignore or misread are refused naming the key: kd_weight with no start
+    model, alpha_steps and gate_lr on a loop cache, kd_temperature <= 0; in distill.py a negative
+    lm_weight or an infinite beta; sweeps on a LoopLM's run(); a config file's quoted number; and a
+    distillation from a teacher trained on other data."""
+    from test_distill import run_distill
+    from test_melt import tiny_model
+    for args, msg in [(["--kd_weight=1"], "kd_weight > 0 distils from the start model"),
+                      (["--cache=loop", "--alpha_steps=5"], "alpha_steps is for MELT"),
+                      (["--cache=loop", "--gate_lr=0.1"], "gate_lr is for MELT"),
+                      (["--kd_temperature=0"], "kd_temperature=0.0 must be")]:
+        with pytest.raises(trainer.ConfigError, match=msg):
+            run_train(tiny_data, tmp_path / "a", "--overwrite=True", *args)
+    for args, msg in [(["--lm_weight=-5"], "lm_weight=-5.0 must be >= 0"), (["--beta=1e999"], "beta=inf must be")]:
+        with pytest.raises(trainer.ConfigError, match=msg):
+            run_distill(ouro_data, tmp_path / "b", *args)
+    with pytest.raises(MeltError, match="sweeps=2 needs cache='shared'"):
+        tiny_model(cache="loop").run(torch.zeros(1, 4, dtype=torch.long), sweeps=2)
+    cfg_file = tmp_path / "quoted.py"
+    cfg_file.write_text('max_iters = "10"\n')
+    with pytest.raises(trainer.ConfigError, match="max_iters='10' should be a int"):
+        trainer.parse_args([str(cfg_file)])
+    run_train(tiny_data, tmp_path / "char_teacher", "--max_iters=2", "--cache=loop", "--n_loop=2")
+    phop = tmp_path / "phop"
+    prepare.prepare_phop(str(phop), alphabet=4, seq_len=12, hops=(1, 2), n_train=50, n_val=8)
+    import distill
+    argv = [f"--dataset={phop}", f"--out_dir={tmp_path / 'd'}", f"--teacher={tmp_path / 'char_teacher' / 'ckpt.pt'}",
+            "--init_from=teacher", "--max_iters=2", "--block_size=32", "--chunk_size=8", "--batch_size=2"]
+    cfg, keys = trainer.parse_args(argv, train_cls=distill.DistillConfig)
+    with pytest.raises(trainer.ConfigError, match="does not use the tokenizer the checkpoint was trained with"):
+        trainer.train(cfg, keys, objective_cls=distill.DistillObjective, build_fn=distill.build_distill)
+
+
+def test_more_mistakes_are_one_line_errors(tiny_data, tmp_path):
+    """Mistakes across the scripts and the Python API are one line with exit status 2 (a
+    MeltError from Python): sample.py's dtype, device and threads; evaluate.py's unknown flag,
+    non-numbers and zero batches; data/prepare.py's missing tokenizer (before any download), a
+    tokenizer.json that is not JSON (leaving no folder), a huge seq_len; lesson.py's bad --set
+    and --report; a meta.json without vocab_size; and MeltConfig / run() given values of the
+    wrong type or shape."""
+    from test_melt import tiny_model
+    run_train(tiny_data, tmp_path / "o", "--max_iters=2")
+    ckpt = str(tmp_path / "o" / "ckpt.pt")
+    bad_tok = tmp_path / "badtok"
+    bad_tok.mkdir()
+    (bad_tok / "tokenizer.json").write_text("not json")
+    no_vocab = tmp_path / "novocab"
+    shutil.copytree(tiny_data, no_vocab)
+    (no_vocab / "meta.json").write_text('{"tokenizer": "char"}')
+    cases = [("sample.py", [f"--init_from={ckpt}", "--dtype=float64"], "dtype='float64'"),
+             ("sample.py", [f"--init_from={ckpt}", "--device=gpu"], "device='gpu'"),
+             ("sample.py", [f"--init_from={ckpt}", "--threads=-1"], "threads=-1 must be >= 0"),
+             ("bench/evaluate.py", [ckpt, "--verbose"], "--verbose: write --key=value"),
+             ("bench/evaluate.py", [ckpt, "--n_loops=abc"], "not a valid int"),
+             ("bench/evaluate.py", [ckpt, "--batches=0"], "batches=0 must be >= 1"),
+             ("bench/evaluate.py", [ckpt, "--device=gpu"], "device='gpu'"),
+             ("data/prepare.py", ["--name=t_bad", "--tokenizer=/nonexistent"], "no tokenizer.json at"),
+             ("data/prepare.py", ["--name=t_bad", f"--tokenizer={bad_tok}"], "not a readable tokenizer.json"),
+             ("data/prepare.py", ["--name=t_bad", "--seq_len=100000000"], "seq_len <= 65535"),
+             ("bench/lesson.py", ["--setting=toy", "--set=hops=0", f"--out={tmp_path / 'l'}"], "bad setting"),
+             ("bench/lesson.py", ["--report", str(tmp_path / "nothing")], "does not exist"),
+             ("train.py", [f"--dataset={no_vocab}", f"--out_dir={tmp_path / 'n'}"], "gives no vocab_size")]
+    if not torch.cuda.is_available():
+        cases.append(("sample.py", [f"--init_from={ckpt}", "--device=cuda"], "device='cuda' but CUDA is not available"))
+    for script, args, msg in cases:
+        res = cli(script, *args)
+        assert res.returncode == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (script, args, res.stderr)
+    assert not os.path.exists(os.path.join(ROOT, "data", "t_bad"))
+    with pytest.raises(MeltError, match="n_loop='4' should be a int"):
+        trainer.MeltConfig(n_loop="4")
+    model = tiny_model()
+    for ids in (torch.zeros(4, dtype=torch.long), torch.zeros(1, 4)):
+        with pytest.raises(MeltError, match="token ids must be a"):
+            model.run(ids)
+
+
+def test_a_log_file_gets_progress_lines_not_bar_redraws(tiny_data, tmp_path):
+    """train.py writing to a file (nohup, a lesson row's lesson.log) prints one line per log
+    interval, with no carriage-return redraws of a progress bar."""
+    res = cli("train.py", f"--dataset={tiny_data}", f"--out_dir={tmp_path}", "--n_layer=1", "--n_embd=32",
+              "--n_head=2", "--block_size=32", "--chunk_size=8", "--sample_tokens=0", "--eval_iters=1",
+              "--max_iters=20", "--log_interval=5", "--device=cpu")
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stdout + res.stderr
+    assert [line.split(" |")[0] for line in res.stdout.splitlines() if line.startswith("step ") and "/" in line.split()[1]] \
+        == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]

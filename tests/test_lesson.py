@@ -109,3 +109,56 @@ def test_rows_with_the_longest_chain_of_work_ahead_start_first():
     assert cp["melt_phase1"] == s.phase1_steps * L * R + s.phase2_steps * L * R * 2   # -> melt, no sweeps
     assert cp["standard_deep"] == s.steps * (L * R) * 1 and cp["standard"] == s.steps * L
     assert max(cp, key=cp.get) == "looplm" and cp["melt_sweeps_phase1"] > cp["standard_deep"]
+
+
+def test_dial_rows_cover_every_loop_count_and_keep_melt_at_one_slot(tmp_path):
+    """--rows=dial on the toy setting: results.json has a row for every (model, p, loops run) of
+    dial_looplm and dial_melt, loops 1 .. 2 x dial_loops; MELT's KV bytes per token are the same at
+    every loop count and equal a standard transformer's, 2 (k, v) x layers x width x 4 bytes,
+    the LoopLM's that times the loops run; the adaptive-exit rows' mean loops lie in [1, dial_loops]."""
+    out = str(tmp_path / "dial")
+    s = lesson.SETTINGS["toy"]
+    lesson.main(["--setting=toy", "--seed=1", f"--out={out}", "--threads=1", "--jobs=1", "--rows=dial"])
+    saved = json.load(open(os.path.join(out, "results.json")))
+    loops = range(1, 2 * s.dial_loops + 1)
+    for m in ("dial_looplm", "dial_melt"):
+        got = sorted((r["hops"], r["n_loops"]) for r in saved if r["model"] == m)
+        assert got == sorted((p, d) for p in s.hops for d in loops)
+    one_slot = 2 * s.n_layer * s.n_embd * 4
+    for r in saved:
+        if r["model"] == "dial_melt":
+            assert r["kv_bytes_per_token"] == one_slot
+        if r["model"] == "dial_looplm":
+            assert r["kv_bytes_per_token"] == r["n_loops"] * one_slot
+    exits = [r for r in saved if r["model"] in ("dial_looplm_exit", "dial_melt_exit")]
+    assert {(r["model"], r["hops"]) for r in exits} == {(m, p) for m in ("dial_looplm_exit", "dial_melt_exit")
+                                                        for p in s.hops}
+    assert all(1.0 <= r["mean_loops"] <= s.dial_loops and r["n_loops"] == s.dial_loops for r in exits)
+    assert os.path.exists(os.path.join(out, "dial.png")) or not _has_matplotlib()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_an_out_folder_keeps_one_setting_and_score_refuses_other_data(tmp_path):
+    """An OUT made with one setting refuses a run with another (results.json would mix them), in
+    one line naming the field; --score refuses a checkpoint trained on other data; a --set that
+    cannot make the task is refused; --report of an empty folder is an error, not an empty table."""
+    out = str(tmp_path / "toy")
+    lesson.run("toy", 1, out, ["standard"], threads=1)
+    with pytest.raises(T.ConfigError, match="holds rows of another setting .*seq_len=12.*seq_len=20"):
+        lesson.run("toy", 1, out, ["standard"], threads=1, sets=["seq_len=20"])
+    other = str(tmp_path / "other")
+    lesson.run("toy", 1, other, ["standard"], threads=1, sets=["alphabet=5"])
+    with pytest.raises(T.ConfigError, match="does not use the tokenizer the checkpoint was trained with"):
+        lesson.score_checkpoints("toy", 1, out, [os.path.join(other, "standard", "ckpt.pt")], threads=1)
+    for bad in ("hops=0", "alphabet=99", "n_train=0"):
+        with pytest.raises(T.ConfigError, match="bad setting"):
+            lesson.with_sets(lesson.SETTINGS["toy"], [bad])
+    with pytest.raises(T.ConfigError, match="holds no finished row"):
+        lesson.main(["--report", str(tmp_path)])

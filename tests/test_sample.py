@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import OURO_TINY, ROOT
-from melt import MELT, load_ouro_tokenizer
+from melt import MELT
+from serve.ouro import load_ouro_tokenizer
 
 HERE = ROOT
 SAMPLE = os.path.join(HERE, "sample.py")

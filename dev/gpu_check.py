@@ -1,9 +1,9 @@
 """
-The decode checks and timings that need a GPU, in one short run (bench/gpu_check.sh runs it with
+The decode checks and timings that need a GPU, in one short run (dev/gpu_check.sh runs it with
 the training checks; a lent GPU's time is short).
 
-    python bench/gpu_check.py                # on a CUDA machine
-    python bench/gpu_check.py --device=cpu   # the same code path without CUDA graphs (a dry run)
+    python dev/gpu_check.py                # on a CUDA machine
+    python dev/gpu_check.py --device=cpu   # the same code path without CUDA graphs (a dry run)
 
 1. The CUDA-graph decode step, MELT.decode_step_fixed(compile=True), which `sample.py --compile`
    uses, fed the same tokens as the eager MELT.prefill, teacher-forced so that one early difference

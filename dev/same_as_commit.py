@@ -4,7 +4,7 @@ an earlier commit (its melt.py read with git show) on the same weights, and comp
 every gradient and the greedy generation bit for bit, for both layouts, several gates and chunk
 sizes, adaptive exit and the transition.
 
-    python bench/same_as_commit.py 7666a47
+    python dev/same_as_commit.py 7666a47
 """
 
 import importlib.util
@@ -30,10 +30,11 @@ def main(argv):
     spec.loader.exec_module(old)
     torch.set_num_threads(2)
     n = n_same = 0
-    for cache, gate, chunk, thr in [("loop", "learned", 8, 1.0), ("shared", "learned", 8, 1.0), ("shared", "mean", 5, 1.0),
-                                    ("shared", "learned", 4, 0.6), ("shared", "last", 16, 1.0)]:
+    for cache, gate, chunk, thr, sweeps in [("loop", "learned", 8, 1.0, 0), ("shared", "learned", 8, 1.0, 0),
+                                            ("shared", "mean", 5, 1.0, 0), ("shared", "learned", 4, 0.6, 0),
+                                            ("shared", "last", 16, 1.0, 0), ("shared", "learned", 8, 1.0, 2)]:
         kw = dict(vocab_size=61, n_embd=64, n_head=4, n_kv_head=2, n_layer=2, n_loop=3, block_size=64,
-                  chunk_size=chunk, cache=cache, gate=gate, exit_threshold=thr)
+                  chunk_size=chunk, cache=cache, gate=gate, exit_threshold=thr, sweeps=sweeps)
         torch.manual_seed(0)
         a = new.MELT(new.MeltConfig(**kw))
         b = old.MELT(old.MeltConfig(**kw))
@@ -58,7 +59,7 @@ def main(argv):
             gen = [m.generate(idx[:1, :10], 12, temperature=0) for m in (a, b)]
             same = (torch.equal(la, lb) and torch.equal(loss_a, loss_b) and torch.equal(*grads)
                     and torch.equal(*gen))
-            print(f"cache={cache} gate={gate} chunk={chunk} exit={thr} alpha={alpha}: "
+            print(f"cache={cache} gate={gate} chunk={chunk} exit={thr} sweeps={sweeps} alpha={alpha}: "
                   f"{'bit-identical' if same else 'DIFFERENT'}", flush=True)
             n, n_same = n + 1, n_same + same
     print(f"{n_same} of {n} bit-identical to {commit}")

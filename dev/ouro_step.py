@@ -5,9 +5,9 @@ Random weights of the real shapes (24 layers, width 2048, 16 heads, MLP 5632, vo
 loops), nothing downloaded; the training settings are config/ouro_distill.py's (2,048 tokens per
 row, chunks of 512, the MLP halves checkpointed, the KD on every loop plus the alignment, AdamW).
 
-    python bench/ouro_step.py                         # on a GPU (bf16 autocast, as distill.py runs)
-    python bench/ouro_step.py --micro=4 --block_size=1024
-    python bench/ouro_step.py --tiny --device=cpu     # the same code at a tiny shape: a dry run
+    python dev/ouro_step.py                         # on a GPU (bf16 autocast, as distill.py runs)
+    python dev/ouro_step.py --micro=4 --block_size=1024
+    python dev/ouro_step.py --tiny --device=cpu     # the same code at a tiny shape: a dry run
 
 What one micro-batch does is what distill.py does (its DistillObjective, train.py's optimizer):
 the frozen teacher's per-loop logits and attention outputs, the student's forward and backward;
@@ -27,6 +27,7 @@ import distill as D  # noqa: E402
 import train as T  # noqa: E402
 from bench.kv_memory import OURO_1_4B  # noqa: E402
 from melt import MELT, MeltConfig  # noqa: E402
+from serve.checkpoint import load_weights  # noqa: E402
 
 TINY = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_kv_head=2, head_dim=16, mlp_hidden=64)
 
@@ -38,7 +39,7 @@ def models(shape, n_loop, block_size, chunk_size, device):
         teacher = MELT(MeltConfig(**shape, n_loop=n_loop, block_size=block_size, cache="loop"))
         student = MELT(MeltConfig(**shape, n_loop=n_loop, block_size=block_size, cache="shared",
                                   chunk_size=chunk_size))
-    student.load_weights(teacher.state_dict())   # init_from=teacher: every weight but the gates
+    load_weights(student, teacher.state_dict())   # init_from=teacher: every weight but the gates
     teacher = teacher.eval().requires_grad_(False)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)   # distill.load_teacher
@@ -106,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    T.run_cli(main, "bench/ouro_step.py")
+    T.run_cli(main, "dev/ouro_step.py")

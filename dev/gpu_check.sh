@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything we check on a lent GPU, in one call of under 10 minutes (a lent GPU's time is short):
-#   bash bench/gpu_check.sh                    # decode and train; logs and tables in $OUT (default out-gpu-check/)
-#   COMPILE=False bash bench/gpu_check.sh train train-compiled   # training all eager, then phase 1 compiled
-#   bash bench/gpu_check.sh graph decode         # CUDA-graphed training steps against eager, then decode
-#   bash bench/gpu_check.sh ouro                 # phase 2 at Ouro-1.4B's shapes: peak memory, tok/s (#24 goal 4)
-# 1. bench/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
+#   bash dev/gpu_check.sh                    # decode and train; logs and tables in $OUT (default out-gpu-check/)
+#   COMPILE=False bash dev/gpu_check.sh train train-compiled   # training all eager, then phase 1 compiled
+#   bash dev/gpu_check.sh graph decode         # CUDA-graphed training steps against eager, then decode
+#   bash dev/gpu_check.sh ouro                 # phase 2 at Ouro-1.4B's shapes: peak memory, tok/s
+# 1. dev/gpu_check.py: the CUDA-graph decode step against the eager one, decode tok/s eager vs
 #    CUDA graphs, the card's bf16 matrix rate.
 # 2. The one-GPU configs (config/gpu_*.py), shortened, as a user runs them (bf16,
 #    compiled where the config says so, or as COMPILE says): the LoopLM teacher, MELT's phase 1
@@ -37,7 +37,7 @@ C=${COMPILE:+--compile=$COMPILE}   # train: unset, as each config says; True / F
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$O/gpu.txt"
 for w in $WHAT; do case $w in
 decode)
-  part decode 220 python bench/gpu_check.py ;;
+  part decode 220 python dev/gpu_check.py ;;
 train)
   part looplm 120 python train.py config/gpu_looplm.py --max_iters=100 --eval_interval=100 --eval_iters=5 \
       --log_interval=20 --sample_tokens=0 $C --out_dir="$R/looplm"
@@ -70,7 +70,7 @@ graph)   # train.py's cuda_graph=True against eager, one after the other on the 
   part g_looplm_graph 90 python train.py config/gpu_looplm.py --max_iters=60 --eval_interval=60 $G --cuda_graph=True \
       --out_dir="$R/g_looplm_graph" ;;
 ouro)   # Ouro-1.4B-shaped teacher -> MELT-1.6B, 2,048 tokens, config/ouro_distill.py (checkpoint_mlp on)
-  part ouro 300 python bench/ouro_step.py ;;
+  part ouro 300 python dev/ouro_step.py ;;
 *) echo "unknown part $w"; exit 2 ;;
 esac; done
 echo "total $SECONDS s"
