@@ -6,6 +6,7 @@ MELT's phase 2: attention-aligned distillation from a frozen looped teacher.
 
 The loss, per micro-batch (MELT paper, Sec. 4):
     L = kd_weight * L_KD + beta * mean_{l,t} ||o_student(l,t) - sg(o_teacher(l,t))||^2 + lm_weight * L_LM
+        + exit_weight * mean_t BCE(lambda_student(t), lambda_teacher(t))
 o(l,t) is the attention output (after o_proj) of layer l at loop t, for every token; ||.||^2 sums
 over the width (align_reduce="sum", the paper's notation) or averages over it ("mean"), and is
 averaged over tokens. L_KD is KL(teacher || student) at kd_temperature,
@@ -22,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import train as T
 from serve.checkpoint import load_model
@@ -39,6 +41,7 @@ class DistillConfig(T.TrainConfig):
     kd_weight: float = 1.0               # weight of the KD term
     kd_loops: str = "all"                # "all": KD on every loop's logits (the paper); "last": last loop only
     lm_weight: float = 0.0               # optional LM cross-entropy on the data
+    exit_weight: float = 0.0             # > 0: the student's exit gate learns the teacher's, loop by loop (adaptive depth)
     checkpoint_mlp: bool = False         # activation checkpointing of each layer's MLP half
     max_iters: int = 300
     lr: float = 3e-4
@@ -58,8 +61,9 @@ class DistillRecipe(T.Recipe):
             raise T.ConfigError(f"align_reduce={cfg.align_reduce!r}: use sum or mean")
         if cfg.kd_loops not in ("all", "last"):
             raise T.ConfigError(f"kd_loops={cfg.kd_loops!r}: use all or last")
-        if not cfg.lm_weight >= 0:
-            raise T.ConfigError(f"lm_weight={cfg.lm_weight} must be >= 0 (a negative weight maximises the loss)")
+        for key in ("lm_weight", "exit_weight"):
+            if not 0 <= getattr(cfg, key) < float("inf"):
+                raise T.ConfigError(f"{key}={getattr(cfg, key)} must be >= 0 and finite (a negative weight maximises the loss)")
         if cfg.kd_weight == 0 and cfg.beta == 0 and cfg.lm_weight == 0:
             raise T.ConfigError("kd_weight, beta and lm_weight are all 0: nothing to train on")
         if not cfg.teacher:
@@ -121,7 +125,7 @@ class DistillObjective(torch.nn.Module):
         out = teacher.run(x, n_loops=n_loops, collect_attn=True)
         logits = teacher.loop_logits(out) if self.cfg.kd_loops == "all" else teacher.lm_head(out.hidden[-1:])
         attn = torch.stack([torch.stack(a) for a in out.attn])
-        return {"logits": logits, "attn": attn}
+        return {"logits": logits, "attn": attn, "gates": out.gate_logits}
 
     def forward(self, x, y, alpha, t, n_loops=None):
         m, cfg = self.model, self.cfg
@@ -135,6 +139,10 @@ class DistillObjective(torch.nn.Module):
         align = (sq.sum(-1) if cfg.align_reduce == "sum" else sq.mean(-1)).mean()
         loss = cfg.kd_weight * kd + cfg.beta * align
         parts = {"kd": kd.detach(), "align": align.detach()}
+        if cfg.exit_weight:   # the exit gate's lambda_t, as a probability, towards the teacher's at every loop
+            gate = F.binary_cross_entropy_with_logits(out.gate_logits.float(), torch.sigmoid(t["gates"].float()))
+            loss = loss + cfg.exit_weight * gate
+            parts["exit"] = gate.detach()
         if cfg.lm_weight:
             lm = m.loss(out, y)
             loss = loss + cfg.lm_weight * lm

@@ -460,17 +460,9 @@ class MELT(nn.Module):
         """The Chunk of c tokens after store.pos (variable shapes: training, prefill)."""
         pos, layout = store.pos, self.kv_layout(alpha)
         slot = R if layout == "both" else 0
-        if store.start is not None:   # a ragged batch: per-row positions and a per-row mask
-            at = (torch.arange(pos, pos + c, device=device)[None] - store.start[:, None]).clamp_min(0)   # (B, c)
-            key_slot = torch.arange(pos + c, device=device)            # the cache slot of each key column
-            if sweep:
-                key_slot = torch.cat((key_slot, torch.arange(pos, pos + c, device=device)))
-            mask = causal_mask(pos, c, device, sweep)
-            mask = torch.ones(c, len(key_slot), dtype=torch.bool, device=device) if mask is None else mask
-            mask = mask & (key_slot[None] >= store.start[:, None]).unsqueeze(1)                # (B, c, keys)
-            return Chunk(store, layout, alpha, slot, cos=self.rope_cos[at].to(dtype).unsqueeze(1),
-                         sin=self.rope_sin[at].to(dtype).unsqueeze(1), mask=mask.unsqueeze(1),    # (B, 1, c, keys)
-                         is_causal=False)
+        if store.start is not None:   # a ragged batch: per-row positions and masks (serve/engine.py)
+            from serve.engine import ragged_chunk
+            return ragged_chunk(self, store, c, layout, alpha, slot, device, dtype, sweep)
         return Chunk(store, layout, alpha, slot, cos=self.rope_cos[pos:pos + c].to(dtype),
                      sin=self.rope_sin[pos:pos + c].to(dtype),
                      mask=causal_mask(pos, c, device, sweep) if pos > 0 or sweep else None,

@@ -96,17 +96,19 @@ def main(argv):
             raise ConfigError("chat=True needs an Ouro directory whose tokenizer has <|im_start|>/<|im_end|>")
         prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         stop = [hf_tok.token_to_id("<|im_end|>")]
+    n_loops = cfg.n_loops or None
+    if mc.cache == "loop" and mc.exit_threshold < 1.0:
+        print("note: with cache=loop every loop still runs (later tokens need every loop's row); "
+              "exit_threshold only picks which loop's logits are used", file=sys.stderr)
+    if cfg.prompts:   # the file's prompts, not --start
+        return sample_batch(cfg, model, encode, decode, stop, None, n_loops, device)
     ids = encode(prompt)   # (a char vocabulary refuses characters it lacks: CharTokenizer)
     if not ids:
         raise ConfigError("empty prompt: give --start=TEXT or --start=FILE:path")
     if len(ids) + cfg.max_new_tokens > mc.block_size:
         raise ConfigError(f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed the "
                             f"model's context of {mc.block_size} tokens")
-    n_loops = cfg.n_loops or None
-    if mc.cache == "loop" and mc.exit_threshold < 1.0:
-        print("note: with cache=loop every loop still runs (later tokens need every loop's row); "
-              "exit_threshold only picks which loop's logits are used", file=sys.stderr)
-    if cfg.prompts or cfg.batch:
+    if cfg.batch:
         return sample_batch(cfg, model, encode, decode, stop, ids, n_loops, device)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     # compile only the one-token step, in its fixed-shape form (CUDA graphs on a GPU), as gpt-fast does

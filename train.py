@@ -65,7 +65,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile the model (the uncompiled module is what gets saved)
     cuda_graph: bool = False             # one GPU: replay each micro-step's forward and backward as CUDA graphs (GraphedStep)
     threads: int = 0                     # CPU threads for torch; 0 leaves torch's default
-    min_loops: int = 0                   # > 0: each step runs a loop count drawn from [min_loops, n_loop] (the dial)
+    min_loops: int = 0                   # > 0: each step runs a loop count drawn from [min_loops, max_loops] (the dial)
+    max_loops: int = 0                   # the draw's top; 0 means n_loop (more: loop counts past the trained one)
 
 
 # The model trained by `python train.py` when nothing else is said: small enough for a 2-core CPU.
@@ -109,7 +110,8 @@ def check_train_config(cfg):
     for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "alpha_steps", "sample_tokens", "threads", "min_loops"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "alpha_steps", "sample_tokens", "threads", "min_loops",
+                "max_loops"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
     for key in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr", "kd_weight"):
@@ -122,7 +124,7 @@ def check_train_config(cfg):
     return cfg
 
 
-# ---- data --------------------------------------------------------------------------------------
+# ---- scoring ---------------------------------------------------------------------------------------
 
 def token_ce(logits, y):
     """Mean cross-entropy of logits (..., V) against targets y (...), in float32, targets of -1
@@ -205,13 +207,13 @@ def alpha_at(step, cfg, model_cfg):
 
 def loops_at(step, cfg, model_cfg):
     """The loops a training step runs: None (the model's n_loop) unless min_loops is set, then a
-    count drawn uniformly from [min_loops, n_loop], a function of (seed, step) alone like the
+    count drawn uniformly from [min_loops, max_loops or n_loop], a function of (seed, step) alone like the
     batches, so every DDP process draws the same and a resumed run the same sequence. Trains every
     depth of the dial: a student read at any loop count sees such rows in training."""
     if not cfg.min_loops:
         return None
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 2 + 7)
-    return int(torch.randint(cfg.min_loops, model_cfg.n_loop + 1, (1,), generator=g))
+    return int(torch.randint(cfg.min_loops, (cfg.max_loops or model_cfg.n_loop) + 1, (1,), generator=g))
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -330,8 +332,9 @@ def build(cfg, model_keys, rt, run_dir=None, recipe=Recipe()):
     if mc.cache == "loop" and (cfg.alpha_steps or cfg.gate_lr):
         raise ConfigError(f"{'alpha_steps' if cfg.alpha_steps else 'gate_lr'} is for MELT (cache=shared); "
                           f"this model has cache=loop, where it would do nothing: drop it")
-    if cfg.min_loops > mc.n_loop:
-        raise ConfigError(f"min_loops={cfg.min_loops} is more than the model's n_loop={mc.n_loop}")
+    if cfg.min_loops > (cfg.max_loops or mc.n_loop) or (cfg.max_loops and not cfg.min_loops):
+        raise ConfigError(f"min_loops={cfg.min_loops} and max_loops={cfg.max_loops}: draw from 1 <= min_loops <= "
+                          f"max_loops (0: the model's n_loop={mc.n_loop})")
     if mc.cache == "shared" and mc.chunk_size > mc.block_size:
         raise ConfigError(f"chunk_size={mc.chunk_size} is larger than block_size={mc.block_size}")
     model.to(rt.device)

@@ -6,6 +6,7 @@ memory of a standard model after its two post-training phases, (3) zero-shot cac
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1      # every row, one seed
     python bench/lesson.py --setting=cpu --seed=1 --out=out-lesson/s1 --rows=standard,looplm
     python bench/lesson.py --report out-lesson/s1 out-lesson/s2 out-lesson/s3   # mean and worst seed, rows done so far
+    python bench/lesson.py --report bench/results/lesson_cpu_2026-12-01_150_600/results_s*.json   # or results.json files
     python bench/lesson.py --seed=1 --out=out-lesson/long --set phase2_steps=300   # an ablation of the setting
     python bench/lesson.py --seed=1 --out=out-lesson/s1 --score my_run/ckpt.pt   # a checkpoint of your own
 
@@ -31,7 +32,8 @@ carried through phase 2.
 The dial (--rows=dial, also in --rows=all): compute at constant memory. dial_looplm trains with
 Ouro's objective (every loop's exit a predictor) at dial_loops loops; dial_melt_phase1 and dial_melt
 convert it (phases 1 and 2 with sweeps, each step at a loop count drawn from [dial_min_loops,
-dial_loops], phase 2 distilling every loop). Both are scored at every loop count from 1 to twice
+dial_max_loops], phase 2 distilling every loop and the exit gate). Both are scored at every loop
+count from 1 to twice
 the trained one (rows with n_loops; the LoopLM's KV bytes grow with the loops, MELT's do not), and
 with adaptive exit (dial_looplm_exit, dial_melt_exit: exit_threshold dial_exit, with mean_loops,
 the mean loop each answer came from). Pictures: OUT/lesson.png, OUT/dial.png.
@@ -90,7 +92,11 @@ class Setting:
     dial_loops: int = 6         # the dial: loops dial_looplm trains with (scored at 1 .. 2 x this)
     dial_steps: int = 1500      # its steps
     entropy_weight: float = 1.0  # its objective, Ouro's: sum_t p_t CE_t - entropy_weight H(p) (loss=expected_loss)
-    dial_min_loops: int = 1     # MELT's dial phases draw each step's loop count from [this, dial_loops]
+    dial_min_loops: int = 1     # MELT's dial phases draw each step's loop count from [this, dial_max_loops]
+    dial_max_loops: int = 0     # 0 means dial_loops; more trains MELT at loop counts past the teacher's
+    dial_exit_weight: float = 1.0   # phase 2: weight of the exit gate's distillation (distill.py exit_weight)
+    dial_phase2_steps: int = 1200   # the dial's phase 2: each loop count gets ~1/dial_loops of them (600 left
+                                    # MELT 6.6 points behind at p = 6 with 6 loops; RESULTS.md)
     dial_exit: float = 0.5      # exit_threshold of the adaptive-exit rows
 
 
@@ -103,7 +109,7 @@ SETTINGS = {
     # seconds, for the end-to-end test
     "toy": Setting(alphabet=4, seq_len=12, hops=(1, 2), n_train=400, n_val=40, n_embd=32, n_head=2, n_layer=1,
                    n_loop=2, batch_size=8, steps=12, phase1_steps=6, alpha_steps=3, phase2_steps=4, chunk_size=4, sweeps=1,
-                   depths=(1, 2, 3), eval_interval=6, dial_loops=3, dial_steps=12),
+                   depths=(1, 2, 3), eval_interval=6, dial_loops=3, dial_steps=12, dial_phase2_steps=4),
 }
 CORE = ("standard", "standard_deep", "looplm", "zero_shot_last", "zero_shot_mean", "zero_shot_first",
         "melt_phase1", "melt", "melt_sweeps_phase1", "melt_sweeps")   # what the claims rest on (--rows=core)
@@ -142,8 +148,11 @@ def check_setting(s):
         (s.seq_len >= max(s.hops or (1,)) + 2, f"seq_len={s.seq_len} is too short for hops={s.hops}"),
         (s.n_train >= s.batch_size and s.n_val >= 1, f"n_train={s.n_train} must be >= batch_size and n_val >= 1"),
         (min(s.n_embd, s.n_head, s.n_layer, s.n_loop, s.batch_size, s.steps, s.phase1_steps, s.phase2_steps,
-             s.chunk_size, s.dial_loops, s.dial_steps, s.dial_min_loops) >= 1, "sizes and steps must be >= 1"),
-        (s.dial_min_loops <= s.dial_loops, f"dial_min_loops={s.dial_min_loops} must be <= dial_loops={s.dial_loops}"),
+             s.chunk_size, s.dial_loops, s.dial_steps, s.dial_min_loops, s.dial_phase2_steps) >= 1,
+         "sizes and steps must be >= 1"),
+        (s.dial_min_loops <= (s.dial_max_loops or s.dial_loops) and s.dial_max_loops >= 0,
+         f"dial_min_loops={s.dial_min_loops} must be <= dial_max_loops={s.dial_max_loops or s.dial_loops}"),
+        (s.dial_exit_weight >= 0, f"dial_exit_weight={s.dial_exit_weight} must be >= 0"),
         (0 < s.dial_exit <= 1, f"dial_exit={s.dial_exit} must be in (0, 1]"),
         (s.depths and min(s.depths) >= 1, f"depths={s.depths} must be loop counts >= 1")] if not ok), None)
     if bad:
@@ -173,8 +182,8 @@ def phase1_args(s, teacher, gate="learned", interpolate=True, sweeps=0):
             f"--eval_interval={n}"]
 
 
-def phase2_args(s, teacher, student, beta=0.1, sweeps=0, kd_loops=None):
-    n = s.phase2_steps
+def phase2_args(s, teacher, student, beta=0.1, sweeps=0, kd_loops=None, steps=None):
+    n = steps or s.phase2_steps
     return [f"--teacher={teacher}", f"--init_from={student}", f"--beta={beta}", f"--align_reduce={s.align_reduce}",
             f"--sweeps={sweeps}", f"--kd_loops={kd_loops or s.kd_loops}", f"--max_iters={n}", f"--lr={s.phase2_lr}",
             f"--min_lr={s.phase2_lr / 10}", f"--warmup_iters={max(1, n // 10)}", f"--eval_interval={n}"]
@@ -186,6 +195,7 @@ def plan(s):
     are compared with melt_sweeps_phase1 at the end of phase 1, no alignment with melt_sweeps."""
     ck = lambda row, out: os.path.join(out, row, "ckpt.pt")
     L, R, k = s.n_layer, s.n_loop, s.sweeps
+    dial_loops = [f"--min_loops={s.dial_min_loops}", f"--max_loops={s.dial_max_loops or s.dial_loops}"]
     return {
         "standard": ("train", lambda out: base_args(s, L, 1, "loop"), ()),
         "standard_deep": ("train", lambda out: base_args(s, L * R, 1, "loop"), ()),
@@ -208,11 +218,11 @@ def plan(s):
         # the dial: every loop's exit trained (Ouro's objective); MELT's phases at a loop count drawn
         # per step, phase 2 distilling every loop, so that the student can be read at any depth
         "dial_looplm": ("train", lambda out: base_args(s, L, s.dial_loops, "loop", s.dial_steps, "expected_loss"), ()),
-        "dial_melt_phase1": ("train", lambda out: phase1_args(s, ck("dial_looplm", out), sweeps=k)
-                             + [f"--min_loops={s.dial_min_loops}"], ("dial_looplm",)),
+        "dial_melt_phase1": ("train", lambda out: phase1_args(s, ck("dial_looplm", out), sweeps=k) + dial_loops,
+                             ("dial_looplm",)),
         "dial_melt": ("distill", lambda out: phase2_args(s, ck("dial_looplm", out), ck("dial_melt_phase1", out),
-                                                         sweeps=k, kd_loops="all")
-                      + [f"--min_loops={s.dial_min_loops}"], ("dial_melt_phase1",)),
+                                                         sweeps=k, kd_loops="all", steps=s.dial_phase2_steps)
+                      + dial_loops + [f"--exit_weight={s.dial_exit_weight}"], ("dial_melt_phase1",)),
     }
 
 
@@ -263,7 +273,7 @@ def work(row, s, steps):
     a = dict(x[2:].split("=", 1) for x in args(""))
     loops = int(a.get("n_loop", s.dial_loops if row.startswith("dial") else s.n_loop))
     if "min_loops" in a:   # a loop count drawn per step: the mean
-        loops = (loops + int(a["min_loops"])) / 2
+        loops = (int(a["max_loops"]) + int(a["min_loops"])) / 2
     n = int(a["max_iters"]) * int(a.get("n_layer", s.n_layer)) * loops
     return n * (1 + int(a.get("sweeps", 0)) + (kind == "distill"))
 
@@ -524,7 +534,8 @@ def plot(results, path):
         ax.errorbar([x], [mean], yerr=[[mean - min(accs)], [max(accs) - mean]], fmt="o", ms=8, color=color, capsize=3)
         ax.annotate(label, (x, mean), textcoords="offset points", xytext=(8, 4 - 14 * (k % 2)), fontsize=9, color=color)
     ax.set_xscale("log", base=2)
-    ax.set_xlim(min(placed) / 1.5, max(placed) * 3)
+    if placed:
+        ax.set_xlim(min(placed) / 1.5, max(placed) * 3)
     ax.set_xlabel("KV-cache bytes per token (log scale)")
     ax.set_ylabel(f"accuracy at p = {hops[-1]}, decode semantics")
     ax.set_ylim(0, 1.05)
@@ -604,7 +615,8 @@ def main(argv):
                     "with threads/jobs threads; 0: 2 on a CPU, 1 on a GPU")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of the setting (repeatable), e.g. --set phase2_steps=300")
-    ap.add_argument("--report", nargs="+", help="print the table of these runs' results.json, mean and worst seed")
+    ap.add_argument("--report", nargs="+", help="the table of these runs (OUT folders or results.json files), "
+                    "mean and worst seed, and their pictures")
     ap.add_argument("--score", nargs="+", metavar="CKPT", help="score these checkpoints on OUT/data's validation "
                     "rows (made for --setting and --seed if absent) at decode semantics, per p")
     ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)   # a row's process: run_parallel's pid
@@ -613,17 +625,19 @@ def main(argv):
         die_with(a.parent)
     if a.threads < 0 or a.jobs < 0:
         raise T.ConfigError(f"--threads={a.threads} and --jobs={a.jobs} must be >= 0 (0: the default)")
-    if a.report:
-        missing = [d for d in a.report if not os.path.isdir(d)]
-        results = [r for d in a.report for row in ROWS if os.path.exists(os.path.join(d, row, "row.json"))
-                   for r in json.load(open(os.path.join(d, row, "row.json")))]   # every row done so far
+    if a.report:   # OUT folders (every row done so far) or results.json files
+        missing = [d for d in a.report if not os.path.exists(d)]
+        results = [r for d in a.report if os.path.isfile(d) for r in json.load(open(d))] + \
+            [r for d in a.report if os.path.isdir(d) for row in ROWS if os.path.exists(os.path.join(d, row, "row.json"))
+             for r in json.load(open(os.path.join(d, row, "row.json")))]
         if missing or not results:
             raise T.ConfigError(f"--report: {', '.join(missing) or ' '.join(a.report)} "
                                 f"{'does not exist' if missing else 'holds no finished row (OUT/ROW/row.json)'}")
         print(table(results, seeds=True))
-        plot(results, os.path.join(a.report[0], "lesson_seeds.png"))
+        where = a.report[0] if os.path.isdir(a.report[0]) else os.path.dirname(a.report[0])
+        plot(results, os.path.join(where, "lesson_seeds.png"))
         if any(r["model"] in DIALED for r in results):
-            plot_dial(results, os.path.join(a.report[0], "dial_seeds.png"))
+            plot_dial(results, os.path.join(where, "dial_seeds.png"))
         return
     named = {"all": ALL, "core": CORE, "dial": DIAL}
     rows = list(named[a.rows]) if a.rows in named else a.rows.split(",")

@@ -8,7 +8,7 @@ and model.generate(list of prompts) call.
 
 import torch
 
-from melt import Chunk, KVStore, check_run, need
+from melt import Chunk, KVStore, causal_mask, check_run, need
 
 # torch.compile options for the one-token decode step on a CPU: inductor writes each one-row
 # product as its own vectorised loop over the threads (decompose_mm_pass) instead of calling BLAS's
@@ -127,6 +127,22 @@ def ragged_batch(model, prompts, max_new_tokens, n_loops=None):
     each row's tokens begin), for generate_stream."""
     padded, start = pad_prompts(model, prompts)
     return padded, model.new_cache(len(prompts), padded.shape[1] + max_new_tokens, n_loops=n_loops, start=start)
+
+
+def ragged_chunk(model, store, c, layout, alpha, slot, device, dtype, sweep=False):
+    """MELT.chunk for a ragged batch (store.start): each row's positions count from its own first
+    token, and its queries never read the padding before it."""
+    pos = store.pos
+    at = (torch.arange(pos, pos + c, device=device)[None] - store.start[:, None]).clamp_min(0)   # (B, c)
+    key_slot = torch.arange(pos + c, device=device)            # the cache slot of each key column
+    if sweep:
+        key_slot = torch.cat((key_slot, torch.arange(pos, pos + c, device=device)))
+    mask = causal_mask(pos, c, device, sweep)
+    mask = torch.ones(c, len(key_slot), dtype=torch.bool, device=device) if mask is None else mask
+    mask = mask & (key_slot[None] >= store.start[:, None]).unsqueeze(1)                # (B, c, keys)
+    return Chunk(store, layout, alpha, slot, cos=model.rope_cos[at].to(dtype).unsqueeze(1),
+                 sin=model.rope_sin[at].to(dtype).unsqueeze(1), mask=mask.unsqueeze(1),    # (B, 1, c, keys)
+                 is_causal=False)
 
 
 def prefill_ragged(model, idx, cache, n_loops=None, exit_threshold=None):

@@ -79,6 +79,29 @@ def test_alignment_term_sums_or_averages_the_squared_difference_over_the_width(o
         assert abs(parts["align"].item() - expect[reduce]) < 1e-4 * expect[reduce]
 
 
+def test_exit_term_is_the_cross_entropy_of_the_student_gate_against_the_teacher_s(ouro_data):
+    """exit_weight's term: at every loop and token, the binary cross-entropy of the student's
+    exit probability lambda = sigmoid(gate logit) against the teacher's, averaged, computed here
+    from each loop's hidden state with the gate's own weights; a student that is the teacher scores
+    the teacher's own entropy, its minimum."""
+    teacher = MELT.from_ouro(OURO_TINY).eval()
+    student = MELT.from_ouro(OURO_TINY).eval()
+    cfg, _ = trainer.parse_args([f"--teacher={OURO_TINY}", "--exit_weight=1"], train_cls=distill.DistillConfig)
+    obj = distill.DistillObjective(student, cfg)
+    x = load_reference()["input_ids"]
+    with torch.no_grad():
+        _, same = obj(x, x, 1.0, obj.teacher_outputs(teacher, x))
+        for p in student.exit_gate.parameters():
+            p.add_(0.3)
+        _, moved = obj(x, x, 1.0, obj.teacher_outputs(teacher, x))
+        h_s, h_t = student.run(x).hidden.double(), teacher.run(x).hidden.double()
+    lam = lambda m, h: torch.sigmoid(h @ m.exit_gate.weight.double().T + m.exit_gate.bias.double())[..., 0]
+    q, p = lam(student, h_s), lam(teacher, h_t)
+    bce = lambda q, p: -(p * q.log() + (1 - p) * (1 - q).log()).mean().item()
+    assert abs(moved["exit"].item() - bce(q, p)) < 1e-4 and moved["exit"] > same["exit"]
+    assert abs(same["exit"].item() - bce(p, p)) < 1e-4
+
+
 def test_distill_bad_inputs(ouro_data, tiny_data, tmp_path):
     """Missing teacher directory, beta < 0, an unknown align_reduce, a loop-mode student, a student whose shapes differ
     from the teacher's, and data not tokenized with the Ouro tokenizer are refused clearly."""
