@@ -1,4 +1,4 @@
-"""The miniature reproduction (bench/reproduce.sh), 2-core CPU: the LoopLM teacher (Ouro-style,
+"""The miniature reproduction, 2-core CPU: the LoopLM teacher (Ouro-style,
 one KV cache per loop and layer), 2 layers x 4 loops, width 128.
 python train.py config/cpu_looplm.py   (about 5 minutes)"""
 out_dir = "out-cpu/looplm"

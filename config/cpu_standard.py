@@ -1,4 +1,4 @@
-"""The miniature reproduction (bench/reproduce.sh), 2-core CPU: a standard transformer with the
+"""The miniature reproduction, 2-core CPU: a standard transformer with the
 same weights' shapes as the LoopLM (2 layers, width 128), 1 loop."""
 out_dir = "out-cpu/standard"
 dataset = "shakespeare_char"

@@ -18,11 +18,7 @@ lr = 1e-3
 min_lr = 1e-4
 warmup_iters = 200
 eval_interval = 500
-# eager: torch.compile of the whole chunk-wise step (chunks x loops x layers unrolled, forward and
-# backward) did not finish in 160 s on an H200 machine (bench/gpu_check_h200_2026-11-26.txt), and
-# compiling each layer's pieces instead ran slower than eager there (bench/gpu_check_h200_2026-11-26b.txt).
-# The LoopLM configs compile (2.6x, in ~50 s).
+# eager: compiling MELT's chunk-wise step did not pay on an H200 (RESULTS.md, 2026-11-26)
 compile = False
-# instead the step's forward and backward are replayed as CUDA graphs (train.py GraphedStep): 3.2x
-# eager for phase 2, 2.7-3.2x for MELT from scratch on an H200 (bench/gpu_check_h200_2026-11-26c.txt)
+# instead the step's forward and backward replay as CUDA graphs (serve/runtime.py GraphedStep; RESULTS.md)
 cuda_graph = True

@@ -17,8 +17,5 @@ gate_lr = 6e-3
 warmup_iters = 50
 kd_weight = 0.0
 eval_interval = 250
-# eager: torch.compile of the whole chunk-wise step (chunks x loops x layers unrolled, forward and
-# backward) did not finish in 160 s on an H200 machine (bench/gpu_check_h200_2026-11-26.txt), and
-# compiling each layer's pieces instead ran slower than eager there (bench/gpu_check_h200_2026-11-26b.txt).
-# The LoopLM configs compile (2.6x, in ~50 s).
+# eager: compiling MELT's chunk-wise step did not pay on an H200 (RESULTS.md, 2026-11-26)
 compile = False

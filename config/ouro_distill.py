@@ -2,7 +2,7 @@
 teacher converts it to shared mode). Prepare the data with the checkpoint's tokenizer first:
     python data/prepare.py --name=shakespeare_ouro --tokenizer=/path/to/Ouro-1.4B-Thinking
     python distill.py config/ouro_distill.py --teacher=/path/to/Ouro-1.4B-Thinking
-bench/ouro_step.py measures a few micro-batches at these settings on random weights of these
+dev/ouro_step.py measures a few micro-batches at these settings on random weights of these
 shapes (peak GPU memory, tok/s); not yet run: no GPU was at hand."""
 out_dir = "out-ouro-distill"
 init_from = "teacher"

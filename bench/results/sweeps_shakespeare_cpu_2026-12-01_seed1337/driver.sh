@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# #22 measure 2, one seed (1337), Shakespeare: teacher, then MELT phases 1+2 at chunk 32 with sweeps k, and chunk 1
+# sweeps measure 2, one seed (1337), Shakespeare: teacher, then MELT phases 1+2 at chunk 32 with sweeps k, and chunk 1
 set -u
 cd /work/main
 D=/tmp/S

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# #22 measure 2, seed S, Shakespeare: teacher, then MELT phases 1+2 at chunk 32 with sweeps k beside chunk 1 (same protocol as seed 1337)
+# sweeps measure 2, seed S, Shakespeare: teacher, then MELT phases 1+2 at chunk 32 with sweeps k beside chunk 1 (same protocol as seed 1337)
 set -u
 S=$1
 cd /tmp/wt22
