@@ -36,18 +36,22 @@ class MeltError(ValueError):
 
 
 def need(ok, msg):
-    """Raise MeltError(msg) unless ok: every check of a caller's value goes through here."""
+    """Raise MeltError(msg) unless ok. The checks a decode step makes every token raise directly
+    instead, so that no message is formatted unless one fails."""
     if not ok:
         raise MeltError(msg)
 
 
 def check_run(n_loops, exit_threshold, chunk_size, sweeps, loops_name="n_loops"):
     """How deep and in what chunks a forward runs: checked here for the config and for every run."""
-    need(isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1,
-         f"{loops_name}={n_loops!r} must be an integer >= 1")
-    need(0.0 < exit_threshold <= 1.0, f"exit_threshold={exit_threshold} not in (0, 1]")
-    need(chunk_size >= 1, f"chunk_size={chunk_size} must be >= 1")
-    need(sweeps >= 0, f"sweeps={sweeps} must be >= 0")
+    if not (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
+        raise MeltError(f"{loops_name}={n_loops!r} must be an integer >= 1")
+    if not (0.0 < exit_threshold <= 1.0):
+        raise MeltError(f"exit_threshold={exit_threshold} not in (0, 1]")
+    if not (chunk_size >= 1):
+        raise MeltError(f"chunk_size={chunk_size} must be >= 1")
+    if not (sweeps >= 0):
+        raise MeltError(f"sweeps={sweeps} must be >= 0")
 
 
 @dataclass
@@ -432,20 +436,22 @@ class MELT(nn.Module):
         chunk = cfg.chunk_size if chunk_size is None else chunk_size
         sweeps = cfg.sweeps if sweeps is None else sweeps
         if not torch.compiler.is_compiling():
-            need(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32),
-                 f"token ids must be a (batch, length) tensor of int64, got "
-                 f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__} "
-                 f"{getattr(idx, 'dtype', '')}")
+            if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
+                raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
+                                f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__} "
+                                f"{getattr(idx, 'dtype', '')}")
             check_run(R, q, chunk, sweeps)
-            need(sweeps == 0 or cfg.cache == "shared", f"sweeps={sweeps} needs cache='shared' (a loop cache has no chunks)")
-            need(0.0 <= alpha <= 1.0, f"alpha={alpha} must be in [0, 1]")
+            if not (sweeps == 0 or cfg.cache == "shared"):
+                raise MeltError(f"sweeps={sweeps} needs cache='shared' (a loop cache has no chunks)")
+            if not (0.0 <= alpha <= 1.0):
+                raise MeltError(f"alpha={alpha} must be in [0, 1]")
         B, T = idx.shape
         layout = self.kv_layout(alpha)
         store = TrainHistory() if cache is None else cache
         if cache is not None:
             cache.check(self, B, T, R, layout)
-        need(store.pos + T <= cfg.block_size,
-             f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
+        if not (store.pos + T <= cfg.block_size):
+            raise MeltError(f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
         # THE CHUNKS. Loop mode needs none: at loop r a token reads earlier tokens' loop-r rows,
         # which a causal mask over the whole sequence already gives. Shared mode reads earlier
         # tokens' *final* rows, which exist only once their chunk has run all its loops.
@@ -789,14 +795,17 @@ class KVCache(KVStore):
     def check(self, model, B, T, R, layout):
         """Refuse a run of T tokens, batch B, R loops that this cache cannot hold, in one line."""
         cfg = model.config
-        need(self.layout == cfg.cache, f"cache layout {self.layout!r} does not match the model's cache={cfg.cache!r}")
-        need(cfg.cache != "shared" or layout == "shared",
-             "a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
-        need(cfg.cache != "loop" or self.k.shape[0] >= R,
-             f"this loop cache has {self.k.shape[0]} loop slots, n_loops={R} needs {R}")
-        need(self.batch_size == B, f"cache is for batch size {self.batch_size}, got {B}")
-        need(self.pos + T <= self.max_len, f"prompt of {T} tokens after {self.pos} cached ones exceeds the cache "
-             f"length {self.max_len}: make a longer cache with new_cache()")
+        if not (self.layout == cfg.cache):
+            raise MeltError(f"cache layout {self.layout!r} does not match the model's cache={cfg.cache!r}")
+        if not (cfg.cache != "shared" or layout == "shared"):
+            raise MeltError("a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
+        if not (cfg.cache != "loop" or self.k.shape[0] >= R):
+            raise MeltError(f"this loop cache has {self.k.shape[0]} loop slots, n_loops={R} needs {R}")
+        if not (self.batch_size == B):
+            raise MeltError(f"cache is for batch size {self.batch_size}, got {B}")
+        if not (self.pos + T <= self.max_len):
+            raise MeltError(f"prompt of {T} tokens after {self.pos} cached ones exceeds the cache "
+                            f"length {self.max_len}: make a longer cache with new_cache()")
 
     def clone(self):
         """An independent copy at the same position (e.g. to branch generation from one prompt)."""
@@ -840,8 +849,10 @@ class TrainHistory(KVStore):
 
 def check_sampling(temperature, top_k):
     """Refuse sampling settings that mean nothing, with a clear message."""
-    need(temperature >= 0, f"temperature={temperature} must be >= 0")
-    need(top_k is None or top_k >= 1, f"top_k={top_k} must be >= 1")
+    if not (temperature >= 0):
+        raise MeltError(f"temperature={temperature} must be >= 0")
+    if not (top_k is None or top_k >= 1):
+        raise MeltError(f"top_k={top_k} must be >= 1")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):

@@ -99,10 +99,16 @@ def resume_config(cfg):
     new = replace(cfg, **{k: v for k, v in saved.items() if k in names and k not in given})
     new._given = given
     changed = {k: getattr(cfg, k) for k in sorted(given & names) if k in saved and saved[k] != getattr(cfg, k)}
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        print(f"resume: the training config saved in {path}, with from the command line: "
-              + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items()))
+    if int(os.environ.get("RANK", 0)) == 0:
+        say_changed("training", path, changed, saved)
     return check_train_config(new)
+
+
+def say_changed(what, path, changed, saved):
+    """On resume: the keys given on the command line that differ from the checkpoint's, printed."""
+    if changed:
+        print(f"resume: the {what} config saved in {path}, with from the command line: "
+              + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items()))
 
 
 def check_train_config(cfg):
@@ -312,9 +318,8 @@ def build(cfg, model_keys, rt, run_dir=None, recipe=Recipe()):
         ckpt = load_checkpoint(run_dir.ckpt)
         saved = ckpt["model_config"]
         changed = {k: v for k, v in sorted(model_keys.items()) if k in saved and saved[k] != v}
-        if changed and rt.master:   # printed like the training keys (resume_config); the checkpoint keeps them
-            print(f"resume: the model config saved in {run_dir.ckpt}, with from the command line: "
-                  + ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in changed.items()))
+        if rt.master:   # the new checkpoint keeps them
+            say_changed("model", run_dir.ckpt, changed, saved)
         model = model_from_checkpoint(ckpt, **model_keys)
         start_step, best, saved_meta = ckpt["step"], ckpt["best_val_loss"], ckpt.get("data_meta")
         start = ckpt["train_config"].get("init_from")

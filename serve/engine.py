@@ -8,7 +8,7 @@ and model.generate(list of prompts) call.
 
 import torch
 
-from melt import Chunk, KVStore, causal_mask, check_run, need
+from melt import Chunk, KVStore, MeltError, causal_mask, check_run, need
 
 # torch.compile options for the one-token decode step on a CPU: inductor writes each one-row
 # product as its own vectorised loop over the threads (decompose_mm_pass) instead of calling BLAS's
@@ -92,7 +92,8 @@ def decode_step_fixed(model, compile=False, buckets=True):
         q = model.config.exit_threshold if exit_threshold is None else float(exit_threshold)
         check_run(R, q, 1, 0)   # checked here, outside the compiled graph
         cache.check(model, idx.shape[0], 1, R, model.config.cache)
-        need(idx.shape[1] == 1, f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
+        if not (idx.shape[1] == 1):
+            raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
         if cuda_graphs:
             torch._dynamo.mark_static_address(cache.k)   # the graph writes these in place
             torch._dynamo.mark_static_address(cache.v)

@@ -107,7 +107,7 @@ class GraphedStep:
         self.autocast = (nullcontext() if rt.dtype == "float32" else
                          torch.autocast("cuda", dtype=getattr(torch, rt.dtype), cache_enabled=False))
 
-    def __call__(self, x, y, alpha, teacher_out=None, n_loops=None):
+    def __call__(self, x, y, alpha, teacher_out=None):
         model = self.objective.model
         t = () if teacher_out is None else (teacher_out,)
         if model.kv_layout(alpha) != model.config.cache:
@@ -138,7 +138,7 @@ def check_cuda_graph(cfg, rt):
            "use one or the other (compile=False)" if cfg.compile else
            "grad_accum must be 1 (the recording's gradient buffers are reused by the next micro-step)"
            if cfg.grad_accum != 1 else
-           "min_loops draws a loop count per step, and a recording has one" if getattr(cfg, "min_loops", 0) else None)
+           "min_loops draws a loop count per step, and a recording has one" if cfg.min_loops else None)
     if why:
         raise MeltError(f"cuda_graph=True: {why}")
 
