@@ -12,10 +12,9 @@ A looped language model applies one stack of n_layer decoder layers n_loop times
                   standard transformer whatever n_loop is. Training runs chunk-wise, because at
                   inference earlier tokens are already final.
 
-Read top to bottom (the tags): the config; the layers, with THE LAYOUTS (Attention.forward) and
-THE GATE (LatentGate); the model: MELT.run (THE CHUNKS), MELT.run_chunk (THE SWEEPS, THE LOOP); THE
-STORES; eager decoding. `naive_forward` in test_melt.py states both layouts token by token. What
-serves the model (compiled decoding, ragged batches, checkpoints, Ouro directories) is in serve/.
+Read top to bottom by its tags: THE LAYOUTS, THE GATE, THE CHUNKS, THE SWEEPS, THE LOOP, THE
+STORES. `naive_forward` in test_melt.py states both layouts token by token; serve/ holds what
+serves the model (compiled decoding, ragged batches, sampling, checkpoints, Ouro directories).
 """
 
 from dataclasses import dataclass
@@ -36,13 +35,12 @@ class MeltError(ValueError):
 
 
 def need(ok, msg):
-    """Raise MeltError(msg) unless ok. The checks a decode step makes every token raise directly
-    instead, so that no message is formatted unless one fails."""
+    """Raise MeltError(msg) unless ok (a decode step's checks raise directly: no message is made)."""
     if not ok:
         raise MeltError(msg)
 
 
-def check_run(n_loops, exit_threshold, chunk_size, sweeps, loops_name="n_loops"):
+def check_run(n_loops, exit_threshold, chunk_size, sweeps, cache, alpha=1.0, loops_name="n_loops"):
     """How deep and in what chunks a forward runs: checked here for the config and for every run."""
     if not (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
         raise MeltError(f"{loops_name}={n_loops!r} must be an integer >= 1")
@@ -52,6 +50,10 @@ def check_run(n_loops, exit_threshold, chunk_size, sweeps, loops_name="n_loops")
         raise MeltError(f"chunk_size={chunk_size} must be >= 1")
     if not (sweeps >= 0):
         raise MeltError(f"sweeps={sweeps} must be >= 0")
+    if not (sweeps == 0 or cache == "shared"):
+        raise MeltError(f"sweeps={sweeps} needs cache='shared' (a loop cache has no chunks to sweep)")
+    if not (0.0 <= alpha <= 1.0):
+        raise MeltError(f"alpha={alpha} must be in [0, 1]")
 
 
 @dataclass
@@ -100,9 +102,7 @@ class MeltConfig:
             need(ok, f"bad MeltConfig: {msg}")
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head"):
             want(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
-        check_run(self.n_loop, self.exit_threshold, self.chunk_size, self.sweeps, loops_name="n_loop")
-        want(self.sweeps == 0 or self.cache == "shared",
-             f"sweeps={self.sweeps} needs cache='shared' (a loop cache has no chunks to sweep)")
+        check_run(self.n_loop, self.exit_threshold, self.chunk_size, self.sweeps, self.cache, loops_name="n_loop")
         want(self.sweeps_grad in ("all", "last"), f"sweeps_grad={self.sweeps_grad!r}, expected 'all' or 'last'")
         want(self.cache in CACHE_LAYOUTS, f"cache={self.cache!r}, expected one of {CACHE_LAYOUTS}")
         want(self.gate in GATES, f"gate={self.gate!r}, expected one of {GATES}")
@@ -142,17 +142,15 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin_signed):
-    """Rotate x (B, nh, T, hs) by position; tables (T, hs). The usual form is
-    x * cos + cat(-x2, x1) * sin with x = (x1, x2); cat(x2, x1) is roll(x, hs/2) and the sign
-    lives in the table, which saves three ops per call on the decode path."""
+    """Rotate x (B, nh, T, hs) by position; tables (T, hs). The usual x * cos + cat(-x2, x1) * sin
+    with cat(x2, x1) = roll(x, hs/2) and the sign in the table: three ops fewer per decode call."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 @dataclass
 class Chunk:
     """The fixed facts of the chunk every layer runs on, made once per pass (MELT.chunk, or the
-    fixed-shape decode step in serve/engine.py). What changes while it runs (the sweeps' previous
-    rows, the tokens that exited) is passed to the layers as arguments."""
+    decode step in serve/engine.py); what changes while it runs is passed to the layers."""
     store: "KVStore"                     # where the rows are read and written (THE STORES)
     layout: str                          # "loop", "shared" or "both" (MELT.kv_layout)
     alpha: float                         # the transition: weight of the shared rows in "both"
@@ -229,19 +227,16 @@ class MLP(nn.Module):
 
 
 class LatentGate(nn.Module):
-    """THE GATE. How the MELT latent s of a layer carries from loop to loop (shared mode).
-
-    x is the layer's normed input at this loop (what Ouro projects q/k/v from), s the latent
-    after the previous loop. Loop 1 sets s = x (our choice; the paper does not say); later loops
-    s = z*s + (1-z)*x, with z, by kind:
+    """THE GATE. How the MELT latent s of a layer carries from loop to loop (shared mode). x is
+    the layer's normed input at this loop (what Ouro projects q/k/v from), s the latent after the
+    previous loop. Loop 1 sets s = x (the paper does not say); later loops s = z*s + (1-z)*x with
         learned  z = sigmoid(x W_z + s U_z + b_z), element-wise (MELT, Eq. of Sec. 3)
         scalar   z = sigmoid(w), one learned number per layer
         mean     z = (r-1)/r at loop r (1-based): s is the running mean of the loops' x
         ema      z = 1 - ema_rate
         last     z = 0: keep the newest loop only (Ouro's decode-time reuse of the last loop)
         first    z = 1: keep loop 1 only (Mixture-of-Recursions-style recursive sharing)
-    One set of parameters per layer, shared by the loops. Initialised by reset_parameters only.
-    """
+    One set of parameters per layer, shared by the loops, initialised by reset_parameters only."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -255,8 +250,8 @@ class LatentGate(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """The documented start: W_z = U_z = 0 and b_z = gate_bias_init, so z = sigmoid(bias)
-        everywhere, a fixed EMA that leans to the newest loop; the gradient still reaches W_z, U_z."""
+        """W_z = U_z = 0, b_z = gate_bias_init: z = sigmoid(bias) everywhere, a fixed EMA leaning to
+        the newest loop, from which the gradient still reaches W_z and U_z."""
         if self.kind == "learned":
             self.w_z.weight.zero_()
             self.u_z.weight.zero_()
@@ -284,9 +279,8 @@ class LatentGate(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer in Ouro's "sandwich" form, four RMSNorms (Ouro's names: input_layernorm,
-    input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2). In shared mode the
-    gate updates the latent s from the attention's normed input before keys/values are read."""
+    """One decoder layer in Ouro's "sandwich" form, four RMSNorms (Ouro's input_layernorm{,_2},
+    post_attention_layernorm{,_2}). In shared mode the gate updates s before keys/values are read."""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -297,37 +291,30 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.gate = LatentGate(cfg) if cfg.cache == "shared" else None
-        self.checkpoint_mlp = False   # training memory: recompute the MLP half in backward
+        self.checkpoint_mlp = False   # training memory: the MLP half, the widest activations, recomputed
+                                      # in backward (not the attention half: it writes the KV store)
 
     def forward(self, h, s, r, ck, prev=None, exited=None):
         """h (B, c, C) at loop r, s this layer's latent -> (h, s, attention output). exited (B, c, 1):
-        tokens that stopped looping (adaptive depth) keep their latent, so the row they write
-        again is their final row, the one later tokens must read."""
+        tokens that stopped looping keep their latent, so the row they rewrite is their final row."""
         x = self.attn_in_norm(h)
         if ck.layout != "loop":
             s_new = self.gate(x, s, r)   # THE GATE: s carries across loops, keys/values come from it
             s = s_new if exited is None else torch.where(exited, s, s_new)
         a = self.attn(x, s, r, ck, prev)
         h = h + self.attn_out_norm(a)
-        h = h + self.mlp_half(h)
+        h = h + (torch.utils.checkpoint.checkpoint(self.mlp_half, h, use_reentrant=False)
+                 if self.checkpoint_mlp and torch.is_grad_enabled() else self.mlp_half(h))
         return h, s, a
 
     def mlp_half(self, h):
-        if self.checkpoint_mlp and torch.is_grad_enabled():
-            # the widest activations, recomputed in backward; the attention half reads the KV
-            # store, so it is not recomputed
-            return torch.utils.checkpoint.checkpoint(self._mlp_half, h, use_reentrant=False)
-        return self._mlp_half(h)
-
-    def _mlp_half(self, h):
         return self.mlp_out_norm(self.mlp(self.mlp_in_norm(h)))
 
 
 def causal_mask(n_past, n_new, device, sweep=False):
-    """(n_new, keys) bool, True where a new token may read: every past row and the new rows up to
-    itself; keys = n_past + n_new. With sweep=True the keys are [past | the chunk's current rows |
-    its rows of the previous pass] (THE SWEEPS): a token reads its own current row and the earlier
-    tokens' previous rows, keys = n_past + 2 n_new. None where SDPA needs no mask."""
+    """(n_new, keys) bool, True where a new token may read: the past and the new rows up to itself.
+    sweep=True: keys [past | the chunk's current rows | its previous pass's rows] (THE SWEEPS), a
+    token reading its own current row and the earlier tokens' previous rows. None: no mask needed."""
     if sweep:
         own = torch.eye(n_new, dtype=torch.bool, device=device)
         before = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril(-1)
@@ -363,12 +350,8 @@ class ChunkOutput:
 
 class MELT(nn.Module):
     """The looped language model: tok_emb, n_layer Blocks run n_loop times (the final norm and the
-    exit gate after every loop), lm_head. One class for three models:
-        cache="loop"             a LoopLM (Ouro): one KV cache per loop and layer
-        cache="loop", n_loop=1   a standard transformer
-        cache="shared"           MELT: one KV cache per layer, the latent gate, chunk-wise training
-    forward() is what training calls; run() returns every loop (LoopOutput); new_cache(),
-    prefill() and generate() decode."""
+    exit gate after every loop), lm_head. cache="loop" is a LoopLM (Ouro; n_loop=1 a standard
+    transformer), cache="shared" MELT. forward() trains; run() returns every loop (LoopOutput)."""
 
     def __init__(self, config):
         super().__init__()
@@ -420,15 +403,11 @@ class MELT(nn.Module):
 
     def run(self, idx, n_loops=None, cache=None, alpha=None, exit_threshold=None, collect_attn=False,
             chunk_size=None, sweeps=None):
-        """The looped forward pass on token ids idx (B, T) -> LoopOutput.
-
-        n_loops: loops to run (default config.n_loop). cache: a KVCache from new_cache() holding
-        the earlier tokens, or None to start from position 0 without keeping anything.
-        alpha: shared mode's interpolation between the layouts (default 1: pure MELT).
-        exit_threshold: default config.exit_threshold; below 1 in shared mode tokens stop looping.
-        collect_attn: keep every layer's attention output at every loop (for distillation).
-        chunk_size, sweeps: default the config's (shared mode); chunk_size=1 is decode semantics.
-        """
+        """The looped forward pass on token ids idx (B, T) -> LoopOutput. cache: a KVCache holding
+        the earlier tokens, or None (position 0, nothing kept). alpha: the transition's weight of
+        the shared layout (default 1, MELT). exit_threshold below 1: tokens stop looping (shared
+        mode). collect_attn: every layer's attention output at every loop (distillation). The
+        rest default to the config; chunk_size=1 is decode semantics."""
         cfg = self.config
         R = cfg.n_loop if n_loops is None else n_loops
         q = cfg.exit_threshold if exit_threshold is None else float(exit_threshold)
@@ -438,13 +417,8 @@ class MELT(nn.Module):
         if not torch.compiler.is_compiling():
             if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
                 raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
-                                f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__} "
-                                f"{getattr(idx, 'dtype', '')}")
-            check_run(R, q, chunk, sweeps)
-            if not (sweeps == 0 or cfg.cache == "shared"):
-                raise MeltError(f"sweeps={sweeps} needs cache='shared' (a loop cache has no chunks)")
-            if not (0.0 <= alpha <= 1.0):
-                raise MeltError(f"alpha={alpha} must be in [0, 1]")
+                                f"{getattr(idx, 'shape', type(idx).__name__)} {getattr(idx, 'dtype', '')}")
+            check_run(R, q, chunk, sweeps, cfg.cache, alpha)
         B, T = idx.shape
         layout = self.kv_layout(alpha)
         store = TrainHistory() if cache is None else cache
@@ -475,23 +449,20 @@ class MELT(nn.Module):
                      is_causal=c > 1 and pos == 0 and not sweep)   # c first: a plain bool under compile
 
     def run_chunk(self, h, store, n_loops, alpha, threshold, collect_attn=False, sweeps=0, ck=None):
-        """Every loop of one chunk h (B, c, C) of embeddings; earlier chunks are in store. ck: the
-        Chunk, made here unless given (the fixed-shape decode step makes its own) -> ChunkOutput.
+        """Every loop of one chunk h (B, c, C) of embeddings, earlier chunks in store -> ChunkOutput.
+        ck: the Chunk, made here unless given (the fixed-shape decode step makes its own).
 
         THE SWEEPS. Inside a chunk, tokens read each other's current-loop rows, which never exist
-        when decoding (there, every earlier token is final). sweeps=k re-runs the chunk k more
-        times; in each, a token reads its earlier in-chunk neighbours' final rows from the pass
-        before (and its own current row), so after pass j the chunk's first j+1 tokens are exact
-        and sweeps >= c-1 is decode semantics exactly: a Jacobi iteration, every token in
-        parallel. With sweeps_grad="all" gradients flow through every pass, so a token's loss
-        trains the rows its in-chunk neighbours wrote for it; "last" runs the passes before the
-        last without gradient (a forward only, cheaper), and those rows then train only through
-        the tokens' own losses and later chunks.
+        when decoding (every earlier token is final there). sweeps=k re-runs the chunk k times
+        more, each token reading its earlier neighbours' final rows from the pass before (and its
+        own current row): after pass j the first j+1 tokens are exact, sweeps >= c-1 is decode
+        semantics (a Jacobi iteration). sweeps_grad="all" trains through every pass, so a token's
+        loss trains the rows its neighbours wrote for it; "last" runs the earlier passes without
+        gradient (cheaper; those rows then train through their own tokens' losses only).
 
-        THE LOOP. Adaptive depth (threshold < 1) saves compute only in shared mode: a token that
-        has exited keeps its hidden state, latent and KV row, and later tokens read that row. In
-        loop mode every earlier token must have a row at every loop, so all loops run and the
-        exit is chosen after (MELT.output)."""
+        THE LOOP. Adaptive depth (threshold < 1) saves compute only in shared mode: an exited token
+        keeps its hidden state, latent and KV row, which later tokens read. In loop mode earlier
+        tokens need a row at every loop: all loops run, and the exit is chosen after (output)."""
         B, c, _ = h.shape
         if ck is None:
             ck = self.chunk(store, c, n_loops, alpha, h.device, h.dtype)
@@ -533,9 +504,8 @@ class MELT(nn.Module):
         return out
 
     def output(self, parts, R, threshold, collect_attn=False):
-        """LoopOutput of the chunks' ChunkOutputs: Ouro's exit distribution and, per token, the
-        hidden state of the loop that exit_threshold chooses. Where adaptive exit ended chunks at
-        different loops, each chunk's exit state is repeated up to R loops."""
+        """LoopOutput of the chunks: Ouro's exit distribution and, per token, the hidden state of
+        the loop exit_threshold chooses (a chunk that exited early repeats its exit state to R)."""
         if len({len(p.hidden) for p in parts}) > 1:
             for p in parts:
                 p.hidden += [p.hidden[-1]] * (R - len(p.hidden))
@@ -553,8 +523,7 @@ class MELT(nn.Module):
         return LoopOutput(hidden, gate_logits, exit_probs, selected, loops_used, attn)
 
     def kv_layout(self, alpha):
-        """Which key/value rows a forward at this alpha computes (Attention.forward): "loop" (a
-        LoopLM, or shared mode at alpha=0), "shared" (MELT, alpha=1) or "both" (the transition)."""
+        """The rows a forward at this alpha computes: "loop", "shared" or "both" (the transition)."""
         if self.config.cache == "loop":
             return "loop"
         return "loop" if alpha == 0.0 else "shared" if alpha == 1.0 else "both"
@@ -601,27 +570,23 @@ class MELT(nn.Module):
         size = (dtype or self.lm_head.weight.dtype).itemsize
         return 2 * slots * c.n_layer * c.n_kv_head * c.head_dim * size
 
-    # ---- weights in and out: what serve/checkpoint.py and serve/ouro.py implement --------------
+    # ---- weights in: serve/checkpoint.py (this project's checkpoints), serve/ouro.py ------------
 
     @classmethod
-    def from_checkpoint(cls, ckpt, **overrides):
-        """The model a checkpoint of this project holds (a path or its dict); overrides may change
-        the fields that are not the architecture (cache, gate, chunk_size, ...)."""
+    def from_checkpoint(cls, ckpt, **overrides):   # a path or its dict; overrides: cache, gate, chunk_size, ...
         from serve.checkpoint import model_from_checkpoint
         return model_from_checkpoint(ckpt, **overrides)
 
     @classmethod
-    def from_ouro(cls, path, dtype=None, torch_dtype=None, device="cpu", **overrides):
-        """A local Hugging Face Ouro directory as a model; overrides are MeltConfig fields."""
+    def from_ouro(cls, path, dtype=None, torch_dtype=None, device="cpu", **overrides):   # a Hugging Face Ouro dir
         from serve.ouro import from_ouro
         return from_ouro(path, dtype=dtype or torch_dtype, device=device, **overrides)
 
-    # ---- eager decoding: a cache, prefill, generate ------------------------------------------
+    # ---- eager decoding: a cache, prefill (the prompt, and the eager one-token step) ----------
 
     def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None, start=None):
-        """A preallocated KVCache for this model's layout. Loop layout: one slot per loop
-        (n_loops, default config.n_loop); shared layout: one slot, whatever the loop count.
-        start (B,): each row's first slot, for prompts of different lengths left-padded."""
+        """A preallocated KVCache: one slot per loop (n_loops) in the loop layout, one whatever the
+        loops in the shared layout. start (B,): each row's first slot (left-padded prompts)."""
         cfg = self.config
         max_seq_len = max_seq_len or cfg.block_size
         need(max_seq_len <= cfg.block_size, f"max_seq_len={max_seq_len} exceeds block_size={cfg.block_size}")
@@ -631,57 +596,35 @@ class MELT(nn.Module):
                        cfg.head_dim, dtype or p.dtype, device or p.device, start=start)
 
     def prefill(self, idx, cache, n_loops=None, exit_threshold=None):
-        """Run idx (B, c) after what the cache holds, writing its rows -> (logits of the last
-        position (B, V), loops used (B, c)): the prompt, in chunks; also the eager one-token step.
-        A ragged batch's prompts (cache.start) are prefilled each alone (serve/engine.py)."""
+        """Run idx (B, c) after what the cache holds, writing its rows -> (last position's logits
+        (B, V), loops used (B, c)). A ragged batch's prompts are prefilled each alone."""
         if cache.start is not None and cache.pos == 0:
             from serve.engine import prefill_ragged
             return prefill_ragged(self, idx, cache, n_loops, exit_threshold)
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    @torch.no_grad()
+    # the loops around prefill() live in serve/engine.py (gpt-fast's generate.py): sampling, the
+    # fixed-shape compiled step, batches of prompts of different lengths
+
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None,
                         generator=None, n_loops=None, exit_threshold=None, decode_step=None):
-        """Yield (next ids (B, 1), loops used per token (B,)) one step at a time: prefill the
-        prompt into the cache, then decode one token at a time reusing it. decode_step replaces
-        the eager prefill() for the one-token steps, e.g. decode_step_fixed(compile=True)."""
-        self.check_ids(idx)
-        B, T = idx.shape
-        need(T > 0, "empty prompt: give at least one token")
-        check_sampling(temperature, top_k)   # before the prefill, not after it
-        need(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens={max_new_tokens!r} must be >= 1")
-        if cache is None:
-            cache = self.new_cache(B, T + max_new_tokens, n_loops=n_loops)
-        need(cache.pos + T + max_new_tokens <= cache.max_len,
-             f"prompt of {T} tokens + {max_new_tokens} new ones exceed the cache length "
-             f"{cache.max_len} (block_size {self.config.block_size})")
-        decode_step = decode_step or self.prefill
-        logits, used = self.prefill(idx, cache, n_loops, exit_threshold)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, generator)
-            yield nxt, used[:, -1]
-            if i < max_new_tokens - 1:
-                logits, used = decode_step(nxt, cache, n_loops, exit_threshold)
+        """Yield (next ids (B, 1), loops used (B,)) a token at a time: prefill() the prompt, then
+        decode_step (default prefill) one token at a time, e.g. decode_step_fixed(compile=True)."""
+        from serve.engine import generate_stream
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
+                               exit_threshold, decode_step)
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
                  n_loops=None, exit_threshold=None, decode_step=None):
-        """Prompt idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy. idx may also be a
-        list of 1-D prompts of different lengths: they run as one ragged batch (serve/engine.py)
-        and come back as a list, each its prompt and its new tokens."""
-        if isinstance(idx, (list, tuple)):
-            from serve.engine import generate_ragged
-            return generate_ragged(self, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
-                                   exit_threshold, decode_step)
-        new = [t for t, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, cache,
-                                                   generator, n_loops, exit_threshold, decode_step)]
-        return torch.cat([idx, *new], dim=1)
+        """Prompt idx (B, T) -> (B, T + max_new_tokens), temperature 0 greedy; a list of 1-D prompts
+        of different lengths -> a list, each its prompt and new tokens (one ragged batch)."""
+        from serve.engine import generate
+        return generate(self, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
+                        exit_threshold, decode_step)
 
-    def decode_step_fixed(self, compile=False, buckets=True):
-        """The fixed-shape one-token step (compiled with compile=True, CUDA graphs on a GPU), for
-        generate_stream(decode_step=...): serve/engine.py."""
-        from serve.engine import decode_step_fixed
+    def decode_step_fixed(self, compile=False, buckets=True):   # for generate_stream(decode_step=...)
+        from serve.engine import decode_step_fixed   # fixed shapes: compiled, CUDA graphs on a GPU
         return decode_step_fixed(self, compile, buckets)
 
 
@@ -716,21 +659,15 @@ def exit_choice(exit_probs, threshold):
 # THE STORES: where a layer's key/value rows live
 
 class KVStore:
-    """The one interface between the layers and their key/value rows.
-
-    rows(slot, layer, k, v): write the current chunk's rows k, v (B, nkv, c, hs) of (slot, layer)
-        and return every row of (slot, layer) a query of this chunk may read, earlier tokens'
-        first, then the chunk's (the attention mask hides what a query may not see).
-    end_chunk(n): the chunk's n tokens are done; the next rows come after them.
-    pos: the number of tokens before the current chunk (an int; a (1,) tensor in FixedRows).
-    chunk_rows(slot, layer): the chunk's rows as last written (THE SWEEPS read them).
-    start: None, or (B,) the first slot of each row's own tokens in a batch of prompts of
-        different lengths, left-padded (KVCache): a row's positions count from its start and
-        its queries never read the slots before it.
-
-    A slot is a loop index in the loop layout (slot r: every token's loop-r rows) and 0 in the
-    shared layout (one row per token and layer). Implementations: KVCache (inference), TrainHistory
-    (training), and FixedRows, the compiled decode step's view of a KVCache (serve/engine.py).
+    """The one interface between the layers and their key/value rows. A slot is a loop index in
+    the loop layout (slot r: every token's loop-r rows), 0 in the shared layout. Implementations:
+    KVCache (inference), TrainHistory (training), FixedRows (the compiled step's, serve/engine.py).
+        rows(slot, layer, k, v)  write the chunk's rows k, v (B, nkv, c, hs); return every row of
+                                 (slot, layer) its queries may read, earlier tokens' first
+        chunk_rows(slot, layer)  the chunk's rows as last written (THE SWEEPS read them)
+        end_chunk(n)             the chunk's n tokens are done; pos, the tokens before it, grows
+        start                    None, or (B,) each row's first slot in a left-padded batch of
+                                 prompts of different lengths (KVCache)
     """
 
     start = None
@@ -744,15 +681,10 @@ class KVStore:
 
 class KVCache(KVStore):
     """Preallocated keys/values for inference, passed into the model, never stored on it.
-
-    k, v have shape (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE:
-        loop layout   (LoopLM): n_slots = n_loop, slot r holds every token's loop-r row.
-        shared layout (MELT):   n_slots = 1, the one row per token and layer that all loops read;
-                                while a chunk runs it holds the chunk's current rows, after the
-                                chunk's last loop its final rows.
-    `pos` is the number of tokens already in the cache; it advances in end_chunk() and nowhere else.
-    `position` is the same number as a (1,) tensor on the cache's device, for the fixed-shape
-    decode step, whose compiled graph must not depend on a Python number.
+    k, v: (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE; n_slots = n_loop
+    in the loop layout (LoopLM), 1 in the shared layout (MELT: while a chunk runs its current rows,
+    after its last loop its final rows). pos: tokens in the cache, advanced by end_chunk() only;
+    position: the same as a (1,) tensor, which the compiled decode step reads instead of a number.
     """
 
     def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device,
@@ -795,16 +727,15 @@ class KVCache(KVStore):
     def check(self, model, B, T, R, layout):
         """Refuse a run of T tokens, batch B, R loops that this cache cannot hold, in one line."""
         cfg = model.config
-        if not (self.layout == cfg.cache):
+        if self.layout != cfg.cache:
             raise MeltError(f"cache layout {self.layout!r} does not match the model's cache={cfg.cache!r}")
-        if not (cfg.cache != "shared" or layout == "shared"):
+        if cfg.cache == "shared" and layout != "shared":
             raise MeltError("a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
-        if not (cfg.cache != "loop" or self.k.shape[0] >= R):
+        if cfg.cache == "loop" and self.k.shape[0] < R:
             raise MeltError(f"this loop cache has {self.k.shape[0]} loop slots, n_loops={R} needs {R}")
-        if not (self.batch_size == B):
-            raise MeltError(f"cache is for batch size {self.batch_size}, got {B}")
-        if not (self.pos + T <= self.max_len):
-            raise MeltError(f"prompt of {T} tokens after {self.pos} cached ones exceeds the cache "
+        if self.batch_size != B or self.pos + T > self.max_len:
+            raise MeltError(f"cache is for batch size {self.batch_size}, got {B}" if self.batch_size != B else
+                            f"prompt of {T} tokens after {self.pos} cached ones exceeds the cache "
                             f"length {self.max_len}: make a longer cache with new_cache()")
 
     def clone(self):
@@ -818,8 +749,8 @@ class KVCache(KVStore):
 
 class TrainHistory(KVStore):
     """The training-time store: earlier chunks' rows kept as autograd tensors (concatenated, not
-    written in place) so that gradients flow through them. Slots are dict keys, so the
-    transition can hold both layouts (loop slots 0..R-1 and the shared slot R)."""
+    written in place) so that gradients flow through them. Slots are dict keys: the transition
+    holds both layouts (loop slots 0..R-1, the shared slot R)."""
 
     def __init__(self):
         self.past, self.current, self.pos = {}, {}, 0
@@ -844,32 +775,7 @@ class TrainHistory(KVStore):
         self.pos += n_tokens
 
 
-# -----------------------------------------------------------------------------
-# sampling, and the loader every script uses
-
-def check_sampling(temperature, top_k):
-    """Refuse sampling settings that mean nothing, with a clear message."""
-    if not (temperature >= 0):
-        raise MeltError(f"temperature={temperature} must be >= 0")
-    if not (top_k is None or top_k >= 1):
-        raise MeltError(f"top_k={top_k} must be >= 1")
-
-
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pure sampling step: logits (B, V) -> ids (B, 1). temperature 0 means argmax."""
-    check_sampling(temperature, top_k)
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
 def load_model(path, dtype=None, **overrides):
-    """A checkpoint .pt of this project or an Ouro directory -> (model, tokenizer description):
-    serve/checkpoint.py's load_model."""
+    """A checkpoint .pt of this project or an Ouro directory -> (model, tokenizer description)."""
     from serve.checkpoint import load_model
     return load_model(path, dtype=dtype, **overrides)

@@ -24,9 +24,8 @@ import torch
 
 from config import ConfigError, parse_config, run_cli
 from data.prepare import load_tokenizer
-from melt import check_sampling
 from serve.checkpoint import load_model
-from serve.engine import ragged_batch
+from serve.engine import check_sampling, ragged_batch
 from serve.ouro import load_ouro_tokenizer
 from serve.runtime import pick_device, pick_dtype, set_threads
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from melt import MELT, MeltConfig, MeltError, sample_next
+from melt import MELT, MeltConfig, MeltError
 from serve.checkpoint import load_weights
-from serve.engine import key_bucket, ragged_batch
+from serve.engine import key_bucket, ragged_batch, sample_next
 from serve.ouro import load_ouro_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -27,6 +27,7 @@ def main(argv):
         f.write(src)
     spec = importlib.util.spec_from_file_location("melt_then", f.name)
     old = importlib.util.module_from_spec(spec)
+    sys.modules["melt_then"] = old   # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(old)
     torch.set_num_threads(2)
     n = n_same = 0

@@ -1,12 +1,13 @@
 """
 The decoding engine beside the model (nanochat's engine.py, gpt-fast's generate.py): the
 fixed-shape one-token step that torch.compile traces once per length bucket and a GPU replays as
-a CUDA graph, and batches of prompts of different lengths. The eager path (new_cache, prefill,
-generate_stream) is the model's own, in melt.py; these functions are what model.decode_step_fixed()
-and model.generate(list of prompts) call.
+a CUDA graph, batches of prompts of different lengths, sampling, and the decode loop around the
+model's eager step (new_cache and prefill, in melt.py): what model.generate, generate_stream and
+decode_step_fixed call.
 """
 
 import torch
+import torch.nn.functional as F
 
 from melt import Chunk, KVStore, MeltError, causal_mask, check_run, need
 
@@ -15,6 +16,27 @@ from melt import Chunk, KVStore, MeltError, causal_mask, check_run, need
 # single-threaded matrix-vector product, and the step's glue in C++ (cpp_wrapper). Measured in
 # RESULTS.md (bench/decode_speed.py).
 CPU_DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+
+
+def check_sampling(temperature, top_k):
+    """Refuse sampling settings that mean nothing, with a clear message."""
+    if not (temperature >= 0):
+        raise MeltError(f"temperature={temperature} must be >= 0")
+    if not (top_k is None or top_k >= 1):
+        raise MeltError(f"top_k={top_k} must be >= 1")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pure sampling step: logits (B, V) -> ids (B, 1). temperature 0 means argmax."""
+    check_sampling(temperature, top_k)
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 class FixedRows(KVStore):
@@ -90,7 +112,7 @@ def decode_step_fixed(model, compile=False, buckets=True):
     def decode_step(idx, cache, n_loops=None, exit_threshold=None):
         R = model.config.n_loop if n_loops is None else n_loops
         q = model.config.exit_threshold if exit_threshold is None else float(exit_threshold)
-        check_run(R, q, 1, 0)   # checked here, outside the compiled graph
+        check_run(R, q, 1, 0, model.config.cache)   # checked here, outside the compiled graph
         cache.check(model, idx.shape[0], 1, R, model.config.cache)
         if not (idx.shape[1] == 1):
             raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
@@ -161,6 +183,42 @@ def prefill_ragged(model, idx, cache, n_loops=None, exit_threshold=None):
         used.append(u[:, -1:])
     cache.end_chunk(T)
     return torch.cat(logits), torch.cat(used)
+
+
+@torch.no_grad()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
+                    n_loops=None, exit_threshold=None, decode_step=None):
+    """model.generate_stream: prefill the prompt into the cache, then decode one token at a time
+    reusing it; decode_step replaces the eager model.prefill for the one-token steps."""
+    model.check_ids(idx)
+    B, T = idx.shape
+    need(T > 0, "empty prompt: give at least one token")
+    check_sampling(temperature, top_k)   # before the prefill, not after it
+    need(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens={max_new_tokens!r} must be >= 1")
+    if cache is None:
+        cache = model.new_cache(B, T + max_new_tokens, n_loops=n_loops)
+    need(cache.pos + T + max_new_tokens <= cache.max_len,
+         f"prompt of {T} tokens + {max_new_tokens} new ones exceed the cache length "
+         f"{cache.max_len} (block_size {model.config.block_size})")
+    decode_step = decode_step or model.prefill
+    logits, used = model.prefill(idx, cache, n_loops, exit_threshold)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, generator)
+        yield nxt, used[:, -1]
+        if i < max_new_tokens - 1:
+            logits, used = decode_step(nxt, cache, n_loops, exit_threshold)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
+             n_loops=None, exit_threshold=None, decode_step=None):
+    """model.generate: a (B, T) prompt -> (B, T + max_new_tokens); a list of prompts -> a list."""
+    if isinstance(idx, (list, tuple)):
+        return generate_ragged(model, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
+                               exit_threshold, decode_step)
+    new = [t for t, _ in generate_stream(model, idx, max_new_tokens, temperature, top_k, cache, generator,
+                                         n_loops, exit_threshold, decode_step)]
+    return torch.cat([idx, *new], dim=1)
 
 
 def generate_ragged(model, prompts, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
