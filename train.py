@@ -260,9 +260,9 @@ def sample_text(model, tok, device, n_tokens, seed=0, prompt="\n"):
 
 # ---- building the run ------------------------------------------------------------------------
 
-def check_model_against_data(model_cfg, meta, dataset, saved_meta=None):
+def check_model_against_data(model_cfg, meta, dataset, saved_meta=None, who="the checkpoint"):
     """The data must fit the model's vocabulary, and a model trained on other data (resume,
-    init_from a checkpoint) must have read the same tokenizer: ids would change meaning."""
+    init_from a checkpoint, a teacher) must have read the same tokenizer: ids would change meaning."""
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise ConfigError(f"dataset {dataset!r} has vocab_size {meta['vocab_size']} but the model has "
                           f"{model_cfg.vocab_size}: prepare the data with the model's tokenizer")
@@ -270,7 +270,7 @@ def check_model_against_data(model_cfg, meta, dataset, saved_meta=None):
         keys = ("tokenizer", "chars", "tokenizer_json", "vocab_size", "alphabet", "hops")
         diff = [k for k in keys if saved_meta.get(k) != meta.get(k)]
         if diff:
-            raise ConfigError(f"dataset {dataset!r} does not use the tokenizer the checkpoint was trained with "
+            raise ConfigError(f"dataset {dataset!r} does not use the tokenizer {who} was trained with "
                               f"(they differ in {diff[0]}): train on that checkpoint's dataset")
 
 
@@ -333,7 +333,7 @@ def build(cfg, model_keys, rt, run_dir=None, recipe=Recipe()):
     recipe.check(cfg, model, teacher, meta)
     check_model_against_data(mc, meta, cfg.dataset, saved_meta)
     if teacher is not None:
-        check_model_against_data(teacher.config, meta, cfg.dataset, teacher_meta)
+        check_model_against_data(teacher.config, meta, cfg.dataset, teacher_meta, who="the teacher")
     if mc.cache == "loop" and (cfg.alpha_steps or cfg.gate_lr):
         raise ConfigError(f"{'alpha_steps' if cfg.alpha_steps else 'gate_lr'} is for MELT (cache=shared); "
                           f"this model has cache=loop, where it would do nothing: drop it")

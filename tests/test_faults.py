@@ -287,14 +287,19 @@ def test_options_that_would_do_nothing_are_refused(tiny_data, ouro_data, tmp_pat
     cfg_file.write_text('max_iters = "10"\n')
     with pytest.raises(trainer.ConfigError, match="max_iters='10' should be a int"):
         trainer.parse_args([str(cfg_file)])
-    run_train(tiny_data, tmp_path / "char_teacher", "--max_iters=2", "--cache=loop", "--n_loop=2")
-    phop = tmp_path / "phop"
-    prepare.prepare_phop(str(phop), alphabet=4, seq_len=12, hops=(1, 2), n_train=50, n_val=8)
+    # the same symbols and vocabulary, other hops: only the teacher was trained on other data
+    phop_a, phop_b = tmp_path / "phop_a", tmp_path / "phop_b"
+    prepare.prepare_phop(str(phop_a), alphabet=4, seq_len=12, hops=(1, 2), n_train=50, n_val=8)
+    prepare.prepare_phop(str(phop_b), alphabet=4, seq_len=12, hops=(2,), n_train=50, n_val=8)
+    run_train(phop_a, tmp_path / "teacher", "--max_iters=2", "--cache=loop", "--n_loop=2")
+    run_train(phop_b, tmp_path / "student", "--max_iters=2", "--cache=shared", "--n_loop=2")
     import distill
-    argv = [f"--dataset={phop}", f"--out_dir={tmp_path / 'd'}", f"--teacher={tmp_path / 'char_teacher' / 'ckpt.pt'}",
-            "--init_from=teacher", "--max_iters=2", "--block_size=32", "--chunk_size=8", "--batch_size=2"]
+    argv = [f"--dataset={phop_b}", f"--out_dir={tmp_path / 'd'}", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}",
+            f"--init_from={tmp_path / 'student' / 'ckpt.pt'}", "--max_iters=2", "--block_size=32", "--chunk_size=8",
+            "--batch_size=2"]
     cfg, keys = trainer.parse_args(argv, train_cls=distill.DistillConfig)
-    with pytest.raises(trainer.ConfigError, match="does not use the tokenizer the checkpoint was trained with"):
+    with pytest.raises(trainer.ConfigError, match="does not use the tokenizer the teacher was trained with "
+                                                   r"\(they differ in hops\)"):
         trainer.train(cfg, keys, objective_cls=distill.DistillObjective, build_fn=distill.build_distill)
 
 
