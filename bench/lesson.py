@@ -32,9 +32,9 @@ carried through phase 2.
 The dial (--rows=dial, also in --rows=all): compute at constant memory. dial_looplm trains with
 Ouro's objective (every loop's exit a predictor) at dial_loops loops; dial_melt_phase1 and dial_melt
 convert it (phases 1 and 2 with sweeps, each step at a loop count drawn from [dial_min_loops,
-dial_max_loops], phase 2 distilling every loop and the exit gate). Both are scored at every loop
-count from 1 to twice
-the trained one (rows with n_loops; the LoopLM's KV bytes grow with the loops, MELT's do not), and
+dial_max_loops], by default every count they are scored at, phase 2 distilling every loop and the
+exit gate). Both are scored at every loop count from 1 to twice the trained one (rows with
+n_loops; the LoopLM's KV bytes grow with the loops, MELT's do not), and
 with adaptive exit (dial_looplm_exit, dial_melt_exit: exit_threshold dial_exit, with mean_loops,
 the mean loop each answer came from). Pictures: OUT/lesson.png, OUT/dial.png.
 """
@@ -89,14 +89,16 @@ class Setting:
     sweeps_grad: str = "all"    # melt_sweeps: "all" passes in the graph, or "last" (MeltConfig.sweeps_grad)
     depths: tuple = (1, 2, 3, 4, 5, 6, 8)   # loops at inference for the depth rows
     eval_interval: int = 500    # steps between train.py's evals (its log), for the base models
-    dial_loops: int = 6         # the dial: loops dial_looplm trains with (scored at 1 .. 2 x this)
+    dial_loops: int = 4         # the dial: loops dial_looplm trains with (scored at 1 .. 2 x this); 6 left
+                                # seed 2 on the shortcut plateau at 1,500 steps (RESULTS.md)
     dial_steps: int = 1500      # its steps
     entropy_weight: float = 1.0  # its objective, Ouro's: sum_t p_t CE_t - entropy_weight H(p) (loss=expected_loss)
     dial_min_loops: int = 1     # MELT's dial phases draw each step's loop count from [this, dial_max_loops]
-    dial_max_loops: int = 0     # 0 means dial_loops; more trains MELT at loop counts past the teacher's
+    dial_max_loops: int = 0     # 0 means 2 x dial_loops, every count MELT is scored at (trained up to
+                                # dial_loops only, it fell 7-25 points behind past dial_loops + 1: RESULTS.md)
     dial_exit_weight: float = 1.0   # phase 2: weight of the exit gate's distillation (distill.py exit_weight)
-    dial_phase2_steps: int = 1200   # the dial's phase 2: each loop count gets ~1/dial_loops of them (600 left
-                                    # MELT 6.6 points behind at p = 6 with 6 loops; RESULTS.md)
+    dial_phase2_steps: int = 1200   # the dial's phase 2: each loop count gets ~1/(2 dial_loops) of them (600 left
+                                    # MELT 6.6 points behind at p = 6 with 6 loops, drawn from 1..6; RESULTS.md)
     dial_exit: float = 0.5      # exit_threshold of the adaptive-exit rows
 
 
@@ -150,8 +152,8 @@ def check_setting(s):
         (min(s.n_embd, s.n_head, s.n_layer, s.n_loop, s.batch_size, s.steps, s.phase1_steps, s.phase2_steps,
              s.chunk_size, s.dial_loops, s.dial_steps, s.dial_min_loops, s.dial_phase2_steps) >= 1,
          "sizes and steps must be >= 1"),
-        (s.dial_min_loops <= (s.dial_max_loops or s.dial_loops) and s.dial_max_loops >= 0,
-         f"dial_min_loops={s.dial_min_loops} must be <= dial_max_loops={s.dial_max_loops or s.dial_loops}"),
+        (s.dial_min_loops <= (s.dial_max_loops or 2 * s.dial_loops) and s.dial_max_loops >= 0,
+         f"dial_min_loops={s.dial_min_loops} must be <= dial_max_loops={s.dial_max_loops or 2 * s.dial_loops}"),
         (s.dial_exit_weight >= 0, f"dial_exit_weight={s.dial_exit_weight} must be >= 0"),
         (0 < s.dial_exit <= 1, f"dial_exit={s.dial_exit} must be in (0, 1]"),
         (s.depths and min(s.depths) >= 1, f"depths={s.depths} must be loop counts >= 1")] if not ok), None)
@@ -195,7 +197,7 @@ def plan(s):
     are compared with melt_sweeps_phase1 at the end of phase 1, no alignment with melt_sweeps."""
     ck = lambda row, out: os.path.join(out, row, "ckpt.pt")
     L, R, k = s.n_layer, s.n_loop, s.sweeps
-    dial_loops = [f"--min_loops={s.dial_min_loops}", f"--max_loops={s.dial_max_loops or s.dial_loops}"]
+    dial_loops = [f"--min_loops={s.dial_min_loops}", f"--max_loops={s.dial_max_loops or 2 * s.dial_loops}"]
     return {
         "standard": ("train", lambda out: base_args(s, L, 1, "loop"), ()),
         "standard_deep": ("train", lambda out: base_args(s, L * R, 1, "loop"), ()),
@@ -464,6 +466,7 @@ def run(setting, seed, out, rows, threads, sets=()):
     print(table(results))
     plot(results, os.path.join(out, "lesson.png"))
     if any(r["model"] in DIALED for r in results):
+        print("\n" + dial_table(results))
         plot_dial(results, os.path.join(out, "dial.png"))
     return results
 
@@ -491,6 +494,72 @@ def table(results, seeds=False):
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {any_r[0]['kv_bytes_per_token']:,} | "
                      f"{sum(secs) / len(secs):.0f} |" + (f" {len(any_r)} |" if seeds else ""))
     return "\n".join(lines)
+
+
+def dial_table(results):
+    """Markdown: the dial at the hardest p, a column per loop count (the LoopLM's and MELT's accuracy,
+    mean over seeds with the worst seed in brackets, MELT's largest gap in any seed, KV bytes per
+    token); adaptive exit per p; then the dial's three bars, each checked in every seed."""
+    P = max(r["hops"] for r in results if r["model"] in DIALED)
+    seeds = sorted({r["seed"] for r in results if r["model"] in DIALED})
+    acc = {(r["model"], r["seed"], r["n_loops"], r["hops"]): r for r in results}
+    loops = sorted({r["n_loops"] for r in results if r["model"] in DIALED})
+    f = lambda xs: f"{sum(xs) / len(xs):.3f}" + (f" ({min(xs):.3f})" if len(xs) > 1 else "")
+    at = lambda m, n, p=P: [acc[m, s, n, p]["accuracy"] for s in seeds if (m, s, n, p) in acc]
+    gap = lambda n: max((acc["dial_looplm", s, n, P]["accuracy"] - acc["dial_melt", s, n, P]["accuracy"]
+                         for s in seeds if ("dial_melt", s, n, P) in acc and ("dial_looplm", s, n, P) in acc), default=None)
+    lines = ["| loops run | " + " | ".join(map(str, loops)) + " |", "|---|" + "---|" * len(loops)]
+    for m, name in (("dial_looplm", "LoopLM"), ("dial_melt", "MELT")):
+        lines.append(f"| {name}, p = {P} | " + " | ".join(f(at(m, n)) if at(m, n) else "-" for n in loops) + " |")
+    lines.append("| MELT behind, worst seed (points) | " + " | ".join(
+        "-" if gap(n) is None else f"{100 * gap(n):.1f}" for n in loops) + " |")
+    for m, name in (("dial_looplm", "LoopLM"), ("dial_melt", "MELT")):
+        kv = [next((r["kv_bytes_per_token"] for r in results if r["model"] == m and r["n_loops"] == n), None) for n in loops]
+        lines.append(f"| {name} KV bytes/token | " + " | ".join("-" if k is None else f"{k:,}" for k in kv) + " |")
+    hops = sorted({r["hops"] for r in results if r["model"].startswith("dial_") and r["model"].endswith("_exit")})
+    if hops:
+        lines += ["", "| adaptive exit: accuracy, loops used | " + " | ".join(f"p = {p}" for p in hops) + " |",
+                  "|---|" + "---|" * len(hops)]
+        for m, name in (("dial_looplm_exit", "LoopLM"), ("dial_melt_exit", "MELT")):
+            rows = {p: [r for r in results if r["model"] == m and r["hops"] == p] for p in hops}
+            lines.append(f"| {name} | " + " | ".join(
+                f"{f([r['accuracy'] for r in rs])} at {sum(r['mean_loops'] for r in rs) / len(rs):.2f}" if rs else "-"
+                for rs in rows.values()) + " |")
+    return "\n".join(lines + [""] + [f"- {b}" for b in dial_bars(results, acc, seeds, P)])
+
+
+def dial_bars(results, acc, seeds, P):
+    """The dial's bars, each over every seed (the worst counts): the staircase (the LoopLM at the
+    hardest p reaches 0.95, and at every fewer loops is 20 points below where it first does),
+    MELT within 5 points wherever the LoopLM reaches 0.95, adaptive exit (fewer loops at p = 1
+    than at the hardest p, every p within 2 points of running the trained loops)."""
+    out, hops = [], sorted({r["hops"] for r in results if r["model"] in DIALED})
+    for s in seeds:
+        curve = {n: r["accuracy"] for (m, s2, n, p), r in acc.items() if m == "dial_looplm" and s2 == s and p == P}
+        top = [n for n in sorted(curve) if curve[n] >= 0.95]
+        if not top:
+            out.append(f"seed {s}: staircase NOT met: the LoopLM never reaches 0.95 at p = {P} "
+                       f"(best {max(curve.values(), default=0):.3f})")
+            continue
+        step = min((curve[top[0]] - curve[n] for n in curve if n < top[0]), default=1.0)
+        out.append(f"seed {s}: staircase {'met' if step >= 0.2 else 'NOT met'}: 0.95 from {top[0]} loops, "
+                   f"fewer loops at least {100 * step:.1f} points lower")
+        gaps = {n: curve[n] - acc["dial_melt", s, n, P]["accuracy"] for n in top if ("dial_melt", s, n, P) in acc}
+        if gaps:
+            worst = max(gaps, key=gaps.get)
+            out.append(f"seed {s}: MELT within 5 points at {len(gaps)} loop counts where the LoopLM >= 0.95: "
+                       f"{'met' if gaps[worst] <= 0.05 else 'NOT met'} (worst {100 * gaps[worst]:.1f} at {worst} loops)")
+        for m, fixed in (("dial_looplm_exit", "dial_looplm"), ("dial_melt_exit", "dial_melt")):
+            ex = {r["hops"]: r for r in results if r["model"] == m and r["seed"] == s}
+            if not ex:
+                continue
+            n = ex[hops[0]]["n_loops"]
+            drop = max(acc[fixed, s, n, p]["accuracy"] - ex[p]["accuracy"] for p in hops if (fixed, s, n, p) in acc)
+            ok = ex[hops[0]]["mean_loops"] < ex[P]["mean_loops"] and drop <= 0.02
+            out.append(f"seed {s}: {m}: {'met' if ok else 'NOT met'}: {ex[hops[0]]['mean_loops']:.2f} loops at "
+                       f"p = {hops[0]}, {ex[P]['mean_loops']:.2f} at p = {P}, at most {100 * drop:.1f} points "
+                       f"below {n} fixed loops")
+    return out
 
 
 def _pyplot():
@@ -634,6 +703,8 @@ def main(argv):
             raise T.ConfigError(f"--report: {', '.join(missing) or ' '.join(a.report)} "
                                 f"{'does not exist' if missing else 'holds no finished row (OUT/ROW/row.json)'}")
         print(table(results, seeds=True))
+        if any(r["model"] in DIALED for r in results):
+            print("\n" + dial_table(results))
         where = a.report[0] if os.path.isdir(a.report[0]) else os.path.dirname(a.report[0])
         plot(results, os.path.join(where, "lesson_seeds.png"))
         if any(r["model"] in DIALED for r in results):

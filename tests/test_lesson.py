@@ -162,3 +162,27 @@ def test_an_out_folder_keeps_one_setting_and_score_refuses_other_data(tmp_path):
             lesson.with_sets(lesson.SETTINGS["toy"], [bad])
     with pytest.raises(T.ConfigError, match="holds no finished row"):
         lesson.main(["--report", str(tmp_path)])
+
+
+def test_dial_bars_state_each_seed_against_hand_made_curves():
+    """dial_bars on rows made by hand, hardest p = 2, 4 loops: seed 1's staircase first reaches 0.95
+    at 3 loops with 2 loops 0.10 below it (not met: 10 points, not 20), MELT 0.04 behind at worst
+    (met, at 4 loops); seed 2's LoopLM never reaches 0.95. The exit rows of seed 1: the LoopLM uses
+    1.5 loops at p = 1 and 3.0 at p = 2, 0.5 points below its 4 fixed loops (met); MELT 0.03
+    below (not met)."""
+    curves = {(1, "dial_looplm"): [0.50, 0.86, 0.96, 0.99], (1, "dial_melt"): [0.50, 0.80, 0.95, 0.95],
+              (2, "dial_looplm"): [0.50, 0.60, 0.70, 0.80], (2, "dial_melt"): [0.50, 0.60, 0.70, 0.80]}
+    rows = [dict(model=m, seed=s, hops=p, n_loops=n + 1, accuracy=a if p == 2 else 1.0, kv_bytes_per_token=1)
+            for (s, m), accs in curves.items() for n, a in enumerate(accs) for p in (1, 2)]
+    rows += [dict(model=m, seed=1, hops=p, n_loops=4, accuracy=a, mean_loops=u)
+             for m, got in (("dial_looplm_exit", [(1.0, 1.5), (0.985, 3.0)]), ("dial_melt_exit", [(0.97, 1.5), (0.95, 3.0)]))
+             for p, (a, u) in zip((1, 2), got)]
+    acc = {(r["model"], r["seed"], r["n_loops"], r["hops"]): r for r in rows if r["model"] in lesson.DIALED}
+    bars = lesson.dial_bars(rows, acc, [1, 2], 2)
+    assert bars[0].startswith("seed 1: staircase NOT met") and "from 3 loops" in bars[0] and "10.0 points" in bars[0]
+    assert bars[1].startswith("seed 1: MELT within 5 points at 2 loop counts") and "met (worst 4.0 at 4 loops)" in bars[1]
+    assert bars[2].startswith("seed 1: dial_looplm_exit: met") and "1.50 loops at p = 1, 3.00 at p = 2" in bars[2]
+    assert "at most 0.5 points" in bars[2]
+    assert bars[3].startswith("seed 1: dial_melt_exit: NOT met") and "at most 3.0 points" in bars[3]
+    assert bars[4].startswith("seed 2: staircase NOT met: the LoopLM never reaches 0.95") and len(bars) == 5
+    assert "| MELT behind, worst seed (points) | 0.0 | 6.0 | 1.0 | 4.0 |" in lesson.dial_table(rows)
