@@ -660,7 +660,8 @@ def plot_dial(results, path):
                                                             for p in hops], w, label=m)
     axes[3].set_title("adaptive exit: mean loops used")
     axes[3].set_xlabel("hop count p")
-    axes[3].legend(fontsize=8)
+    if axes[3].get_legend_handles_labels()[0]:   # no exit rows yet: no legend
+        axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
