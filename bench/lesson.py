@@ -293,13 +293,27 @@ def critical_path(rows, s, steps):
     return {r: chain(r) for r in rows}
 
 
+def widest(rows, steps):
+    """The most of `rows` that can run side by side: the largest number at one depth of the chain
+    of rows they continue (1 for a chain)."""
+    depth = {}
+
+    def d(r):
+        if r not in depth:
+            depth[r] = 1 + max((d(n) for n in needs(r, steps) if n in rows), default=0)
+        return depth[r]
+    levels = [d(r) for r in rows]
+    return max((levels.count(k) for k in set(levels)), default=1)
+
+
 def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     """Train the trained rows among `rows` (and the rows they continue) `jobs` at a time, each in
     its own process (`lesson.py --rows=ROW`, its output in OUT/ROW/lesson.log) with threads/jobs
     threads, as soon as the rows it continues are done; then run() scores the rest and writes the
     table. Why: at the CPU setting's small shapes two 1-thread processes side by side do more work
     than one 2-thread process (a whole seed 1.11x faster on 2 cores: RESULTS.md). Of the rows
-    ready to start, those with the longest chain of work ahead (critical_path) go first."""
+    ready to start, those with the longest chain of work ahead (critical_path) go first. Rows that
+    can only run one after another (the dial's chain) run one at a time with every thread."""
     s = with_sets(SETTINGS[setting], sets)
     steps = plan(s)
     setup(s, out, 0, label_of(setting, sets))   # OUT's setting checked, the data made once, before the processes read them
@@ -314,6 +328,7 @@ def run_parallel(setting, seed, out, rows, threads, sets, jobs):
     done = lambda r: os.path.exists(os.path.join(out, r, "row.json"))
     ahead = critical_path(todo, s, steps)
     todo = sorted((r for r in todo if not done(r)), key=lambda r: (-ahead[r], ROWS.index(r)))
+    jobs = min(jobs, widest(todo, steps))   # a chain (--rows=dial) runs one row at a time, with every thread
     per_job = max(1, (threads or os.cpu_count() or 2) // jobs)
     on_cpu = threads or not torch.cuda.is_available()   # each process forced to the CPU, or all on the GPU
     running = {}

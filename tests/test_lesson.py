@@ -186,3 +186,14 @@ def test_dial_bars_state_each_seed_against_hand_made_curves():
     assert bars[3].startswith("seed 1: dial_melt_exit: NOT met") and "at most 3.0 points" in bars[3]
     assert bars[4].startswith("seed 2: staircase NOT met: the LoopLM never reaches 0.95") and len(bars) == 5
     assert "| MELT behind, worst seed (points) | 0.0 | 6.0 | 1.0 | 4.0 |" in lesson.dial_table(rows)
+
+
+def test_widest_counts_the_rows_that_can_run_side_by_side():
+    """widest: the dial's rows form a chain (teacher, phase 1, phase 2), so one runs at a time; the
+    lesson's trained rows can run four side by side, the phase-1 rows that all continue the LoopLM
+    (melt, sweeps, no interpolation, scalar gate)."""
+    s = lesson.SETTINGS["cpu"]
+    steps = lesson.plan(s)
+    assert lesson.widest(["dial_looplm", "dial_melt_phase1", "dial_melt"], steps) == 1
+    assert lesson.widest(["dial_melt"], steps) == 1
+    assert lesson.widest(list(lesson.TRAINED), steps) == 4
