@@ -99,8 +99,8 @@ class Setting:
     dial_exit_weight: float = 1.0   # phase 2: weight of the exit gate's distillation (distill.py exit_weight)
     dial_phase2_steps: int = 1200   # the dial's phase 2: each loop count gets ~1/(2 dial_loops) of them (600 left
                                     # MELT 6.6 points behind at p = 6 with 6 loops, drawn from 1..6; RESULTS.md)
-    dial_exit: float = 0.7      # exit_threshold of the adaptive-exit rows (0.5 and 0.6 stopped too early at
-                                # p = 6, 6-13 points lost, in seeds 1-2; 0.8 runs every loop: RESULTS.md)
+    dial_exit: float = 0.7      # exit_threshold of the adaptive-exit rows (0.5 and 0.6 stop before p = 6 is
+                                # solved, up to 12.6 and 3.5 points lost; 0.8 runs every loop: RESULTS.md)
 
 
 SETTINGS = {
