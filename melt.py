@@ -417,7 +417,7 @@ class MELT(nn.Module):
         if not torch.compiler.is_compiling():
             if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
                 raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
-                                f"{getattr(idx, 'shape', type(idx).__name__)} {getattr(idx, 'dtype', '')}")
+                                f"{tuple(getattr(idx, 'shape', ())) or type(idx).__name__} {getattr(idx, 'dtype', '')}")
             check_run(R, q, chunk, sweeps, cfg.cache, alpha)
         B, T = idx.shape
         layout = self.kv_layout(alpha)

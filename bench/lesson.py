@@ -521,7 +521,7 @@ def dial_table(results):
     acc = {(r["model"], r["seed"], r["n_loops"], r["hops"]): r for r in results}
     loops = sorted({r["n_loops"] for r in results if r["model"] in DIALED})
     f = lambda xs: f"{sum(xs) / len(xs):.3f}" + (f" ({min(xs):.3f})" if len(xs) > 1 else "")
-    at = lambda m, n, p=P: [acc[m, s, n, p]["accuracy"] for s in seeds if (m, s, n, p) in acc]
+    at = lambda m, n: [acc[m, s, n, P]["accuracy"] for s in seeds if (m, s, n, P) in acc]
     gap = lambda n: max((acc["dial_looplm", s, n, P]["accuracy"] - acc["dial_melt", s, n, P]["accuracy"]
                          for s in seeds if ("dial_melt", s, n, P) in acc and ("dial_looplm", s, n, P) in acc), default=None)
     lines = ["| loops run | " + " | ".join(map(str, loops)) + " |", "|---|" + "---|" * len(loops)]
