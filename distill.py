@@ -101,7 +101,6 @@ class DistillRecipe(T.Recipe):
         if os.path.isdir(cfg.teacher) and meta.get("tokenizer") != "hf":
             raise T.ConfigError(f"dataset {cfg.dataset!r} was not tokenized with the teacher's tokenizer.json: "
                                 f"prepare it with data/prepare.py --tokenizer={cfg.teacher}")
-        student.checkpoint_mlp = cfg.checkpoint_mlp
 
 
 def build_distill(cfg, model_keys, rt, run_dir=None):
@@ -117,6 +116,8 @@ class DistillObjective(torch.nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
         self._teacher_val = None
+        for block in model.blocks:   # training memory: each layer's MLP half recomputed in backward
+            block.checkpoint_mlp = cfg.checkpoint_mlp
 
     @torch.no_grad()
     def teacher_outputs(self, teacher, x, n_loops=None):

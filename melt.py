@@ -3,14 +3,12 @@ MELT: a looped transformer (Ouro's LoopLM) with either of two KV-cache layouts, 
 
 A looped language model applies one stack of n_layer decoder layers n_loop times to every token
 (Ouro, arXiv 2510.25741). Where its keys and values live decides its memory:
-
 - cache="loop"   (LoopLM / Ouro): one KV cache per (loop, layer). At loop r a token attends to the
                   loop-r keys/values of earlier tokens, so memory grows n_loop times.
 - cache="shared" (MELT, arXiv 2605.07721): one KV cache per layer. Per layer and token a latent s
                   runs across the loops through a gate, s = z*s + (1-z)*x, and keys/values come
-                  from s. Earlier tokens expose only their final row, so memory is that of a
-                  standard transformer whatever n_loop is. Training runs chunk-wise, because at
-                  inference earlier tokens are already final.
+                  from s. Earlier tokens expose only their final row: a standard transformer's
+                  memory whatever n_loop is. Training runs chunk-wise, as earlier tokens are final.
 
 Read top to bottom by its tags: THE LAYOUTS, THE GATE, THE CHUNKS, THE SWEEPS, THE LOOP, THE
 STORES. `naive_forward` in test_melt.py states both layouts token by token; serve/ holds what
@@ -18,7 +16,6 @@ serves the model (compiled decoding, ragged batches, sampling, checkpoints, Ouro
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -34,26 +31,22 @@ class MeltError(ValueError):
     """A problem with the caller's input (config, checkpoint, prompt), stated in one line."""
 
 
-def need(ok, msg):
-    """Raise MeltError(msg) unless ok (a decode step's checks raise directly: no message is made)."""
+def need(ok, msg, *args):
+    """Raise MeltError(msg, formatted with args if any) unless ok. The message is made only on
+    failure: the checks every decode step makes cost a comparison each."""
     if not ok:
-        raise MeltError(msg)
+        raise MeltError(msg.format(*args) if args else msg)
 
 
 def check_run(n_loops, exit_threshold, chunk_size, sweeps, cache, alpha=1.0, loops_name="n_loops"):
     """How deep and in what chunks a forward runs: checked here for the config and for every run."""
-    if not (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
-        raise MeltError(f"{loops_name}={n_loops!r} must be an integer >= 1")
-    if not (0.0 < exit_threshold <= 1.0):
-        raise MeltError(f"exit_threshold={exit_threshold} not in (0, 1]")
-    if not (chunk_size >= 1):
-        raise MeltError(f"chunk_size={chunk_size} must be >= 1")
-    if not (sweeps >= 0):
-        raise MeltError(f"sweeps={sweeps} must be >= 0")
-    if not (sweeps == 0 or cache == "shared"):
-        raise MeltError(f"sweeps={sweeps} needs cache='shared' (a loop cache has no chunks to sweep)")
-    if not (0.0 <= alpha <= 1.0):
-        raise MeltError(f"alpha={alpha} must be in [0, 1]")
+    need(isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1,
+         "{}={!r} must be an integer >= 1", loops_name, n_loops)
+    need(0.0 < exit_threshold <= 1.0, "exit_threshold={} not in (0, 1]", exit_threshold)
+    need(chunk_size >= 1, "chunk_size={} must be >= 1", chunk_size)
+    need(sweeps >= 0, "sweeps={} must be >= 0", sweeps)
+    need(sweeps == 0 or cache == "shared", "sweeps={} needs cache='shared' (a loop cache has no chunks to sweep)", sweeps)
+    need(0.0 <= alpha <= 1.0, "alpha={} must be in [0, 1]", alpha)
 
 
 @dataclass
@@ -84,11 +77,10 @@ class MeltConfig:
     def __post_init__(self):
         for f, want in self.__annotations__.items():   # MeltConfig(n_loop="4") is refused, not stored
             v = getattr(self, f)
-            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
+            if want is float and type(v) is int:   # 1 means 1.0
                 setattr(self, f, float(v))
-                ok = True
-            need(ok, f"bad MeltConfig: {f}={v!r} should be a {want.__name__}")
+            need(isinstance(getattr(self, f), want) and type(v) is not bool,
+                 "bad MeltConfig: {}={!r} should be a {}", f, v, want.__name__)
         need(self.head_dim != 0 or self.n_head < 1 or self.n_embd % self.n_head == 0,
              f"bad MeltConfig: n_head={self.n_head} does not divide n_embd={self.n_embd}")
         self.head_dim = self.head_dim or self.n_embd // max(self.n_head, 1)
@@ -157,14 +149,13 @@ class Chunk:
     shared_slot: int                     # the shared rows' slot: 0, or n_loops in the transition
     cos: torch.Tensor                    # (c, hs) RoPE tables at the chunk's positions
     sin: torch.Tensor
-    mask: Optional[torch.Tensor]         # (c, keys) bool, True = may read; None with is_causal or one token
+    mask: torch.Tensor | None            # (c, keys) bool, True = may read; None with is_causal or one token
     is_causal: bool                      # SDPA's own causal mask (a first chunk, nothing before it)
 
 
 class Attention(nn.Module):
-    """One attention layer, no biases (Ouro). Keys and values share one matrix kv_proj, W_K's rows
-    then W_V's (one read instead of two when decoding); queries have their own because in shared
-    mode they come from x while keys/values come from the latent s."""
+    """One attention layer, no biases (Ouro). kv_proj holds W_K's rows then W_V's (one read when
+    decoding); queries have their own: in shared mode they come from x, keys/values from s."""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -261,20 +252,16 @@ class LatentGate(nn.Module):
 
     def forward(self, x, s, r):
         """x, s: (B, T, C); r: 0-based loop index. Returns the new s."""
-        if r == 0:
+        if r == 0 or self.kind == "last":
             return x
+        if self.kind == "first":
+            return s
         if self.kind == "learned":
             z = torch.sigmoid(self.w_z(x) + self.u_z(s) + self.b_z)
         elif self.kind == "scalar":
             z = torch.sigmoid(self.w)
-        elif self.kind == "mean":
-            z = r / (r + 1)
-        elif self.kind == "ema":
-            z = 1.0 - self.ema_rate
-        elif self.kind == "last":
-            return x
-        else:  # "first"
-            return s
+        else:
+            z = r / (r + 1) if self.kind == "mean" else 1.0 - self.ema_rate   # mean or ema
         return z * s + (1 - z) * x
 
 
@@ -291,7 +278,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_out_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.gate = LatentGate(cfg) if cfg.cache == "shared" else None
-        self.checkpoint_mlp = False   # training memory: the MLP half, the widest activations, recomputed
+        self.checkpoint_mlp = False   # training memory: recompute the MLP half, the widest activations,
                                       # in backward (not the attention half: it writes the KV store)
 
     def forward(self, h, s, r, ck, prev=None, exited=None):
@@ -355,8 +342,7 @@ class MELT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config.validate()
-        cfg = config
+        self.config = cfg = config.validate()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)   # no scaling (Ouro)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)              # applied after every loop
@@ -382,15 +368,6 @@ class MELT(nn.Module):
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
-
-    @property
-    def checkpoint_mlp(self):
-        return self.blocks[0].checkpoint_mlp
-
-    @checkpoint_mlp.setter
-    def checkpoint_mlp(self, on):
-        for block in self.blocks:
-            block.checkpoint_mlp = bool(on)
 
     def forward(self, idx, targets=None, n_loops=None, alpha=None):
         """idx (B, T) -> (logits (B, T, V) of the loop chosen by exit_threshold, loss or None)."""
@@ -424,8 +401,8 @@ class MELT(nn.Module):
         store = TrainHistory() if cache is None else cache
         if cache is not None:
             cache.check(self, B, T, R, layout)
-        if not (store.pos + T <= cfg.block_size):
-            raise MeltError(f"positions {store.pos}..{store.pos + T - 1} exceed block_size={cfg.block_size}")
+        need(store.pos + T <= cfg.block_size, "positions {}..{} exceed block_size={}", store.pos, store.pos + T - 1,
+             cfg.block_size)
         # THE CHUNKS. Loop mode needs none: at loop r a token reads earlier tokens' loop-r rows,
         # which a causal mask over the whole sequence already gives. Shared mode reads earlier
         # tokens' *final* rows, which exist only once their chunk has run all its loops.
@@ -453,19 +430,18 @@ class MELT(nn.Module):
         ck: the Chunk, made here unless given (the fixed-shape decode step makes its own).
 
         THE SWEEPS. Inside a chunk, tokens read each other's current-loop rows, which never exist
-        when decoding (every earlier token is final there). sweeps=k re-runs the chunk k times
-        more, each token reading its earlier neighbours' final rows from the pass before (and its
-        own current row): after pass j the first j+1 tokens are exact, sweeps >= c-1 is decode
+        when decoding (earlier tokens are final there). sweeps=k re-runs the chunk k times more,
+        each token reading its earlier neighbours' final rows from the pass before (and its own
+        current row): after pass j the first j+1 tokens are exact, sweeps >= c-1 is decode
         semantics (a Jacobi iteration). sweeps_grad="all" trains through every pass, so a token's
         loss trains the rows its neighbours wrote for it; "last" runs the earlier passes without
-        gradient (cheaper; those rows then train through their own tokens' losses only).
+        gradient (cheaper; those rows train through their own tokens' losses only).
 
         THE LOOP. Adaptive depth (threshold < 1) saves compute only in shared mode: an exited token
         keeps its hidden state, latent and KV row, which later tokens read. In loop mode earlier
         tokens need a row at every loop: all loops run, and the exit is chosen after (output)."""
         B, c, _ = h.shape
-        if ck is None:
-            ck = self.chunk(store, c, n_loops, alpha, h.device, h.dtype)
+        ck = ck or self.chunk(store, c, n_loops, alpha, h.device, h.dtype)
         sweeps = sweeps if c > 1 and ck.layout != "loop" else 0
         h0, prev = h, [None] * len(self.blocks)
         for j in range(sweeps + 1):
@@ -530,9 +506,9 @@ class MELT(nn.Module):
 
     def check_ids(self, idx):
         """Refuse token ids outside the vocabulary with a clear message (a sync: not per step)."""
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise MeltError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                            f"min {int(idx.min())}, max {int(idx.max())}")
+        lo, hi = (int(idx.min()), int(idx.max())) if idx.numel() else (0, 0)
+        need(0 <= lo and hi < self.config.vocab_size, "token ids must lie in [0, {}); got min {}, max {}",
+             self.config.vocab_size, lo, hi)
 
     def loop_logits(self, out):
         """Per-loop logits (R, B, T, V) of a LoopOutput."""
@@ -542,8 +518,7 @@ class MELT(nn.Module):
         """Training loss of a LoopOutput against targets (B, T), -1 ignored.
             expected_logits  cross-entropy of sum_t p_t * logits_t (what released Ouro code trains)
             expected_loss    sum_t p_t * CE_t - entropy_weight * H(p) (the Ouro paper's objective)
-            last             cross-entropy of the last loop's logits
-        """
+            last             cross-entropy of the last loop's logits"""
         kind = kind or self.config.loss
         V = self.config.vocab_size
         flat_t = targets.reshape(-1)
@@ -555,8 +530,8 @@ class MELT(nn.Module):
             mixed = (p.unsqueeze(-1) * logits).sum(0)        # (B, T, V)
             return F.cross_entropy(mixed.view(-1, V), flat_t, ignore_index=-1)
         R = logits.shape[0]
-        ce = F.cross_entropy(logits.view(-1, V), flat_t.repeat(R), ignore_index=-1, reduction="none")
-        ce = ce.view(R, -1)                                  # (R, B*T)
+        ce = F.cross_entropy(logits.view(-1, V), flat_t.repeat(R), ignore_index=-1,
+                             reduction="none").view(R, -1)   # (R, B*T)
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0).view(-1)
         valid = (flat_t != -1).float()
         per_token = (p.view(R, -1) * ce).sum(0) - self.config.entropy_weight * entropy
@@ -578,9 +553,9 @@ class MELT(nn.Module):
         return model_from_checkpoint(ckpt, **overrides)
 
     @classmethod
-    def from_ouro(cls, path, dtype=None, torch_dtype=None, device="cpu", **overrides):   # a Hugging Face Ouro dir
+    def from_ouro(cls, path, **options):   # a Hugging Face Ouro directory; dtype, device, MeltConfig overrides
         from serve.ouro import from_ouro
-        return from_ouro(path, dtype=dtype or torch_dtype, device=device, **overrides)
+        return from_ouro(path, **options)
 
     # ---- eager decoding: a cache, prefill (the prompt, and the eager one-token step) ----------
 
@@ -604,27 +579,21 @@ class MELT(nn.Module):
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    # the loops around prefill() live in serve/engine.py (gpt-fast's generate.py): sampling, the
-    # fixed-shape compiled step, batches of prompts of different lengths
+    # the loops around prefill() live in serve/engine.py (gpt-fast's generate.py), with their
+    # arguments (temperature, top_k, cache, generator, n_loops, exit_threshold, decode_step)
 
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None,
-                        generator=None, n_loops=None, exit_threshold=None, decode_step=None):
-        """Yield (next ids (B, 1), loops used (B,)) a token at a time: prefill() the prompt, then
-        decode_step (default prefill) one token at a time, e.g. decode_step_fixed(compile=True)."""
-        from serve.engine import generate_stream
-        return generate_stream(self, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
-                               exit_threshold, decode_step)
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None,
-                 n_loops=None, exit_threshold=None, decode_step=None):
+    def generate(self, idx, max_new_tokens, *args, **kwargs):
         """Prompt idx (B, T) -> (B, T + max_new_tokens), temperature 0 greedy; a list of 1-D prompts
         of different lengths -> a list, each its prompt and new tokens (one ragged batch)."""
         from serve.engine import generate
-        return generate(self, idx, max_new_tokens, temperature, top_k, cache, generator, n_loops,
-                        exit_threshold, decode_step)
+        return generate(self, idx, max_new_tokens, *args, **kwargs)
 
-    def decode_step_fixed(self, compile=False, buckets=True):   # for generate_stream(decode_step=...)
-        from serve.engine import decode_step_fixed   # fixed shapes: compiled, CUDA graphs on a GPU
+    def generate_stream(self, idx, max_new_tokens, *args, **kwargs):   # yields (ids (B, 1), loops used (B,))
+        from serve.engine import generate_stream
+        return generate_stream(self, idx, max_new_tokens, *args, **kwargs)
+
+    def decode_step_fixed(self, compile=False, buckets=True):   # fixed shapes: compiled, CUDA graphs on a GPU
+        from serve.engine import decode_step_fixed
         return decode_step_fixed(self, compile, buckets)
 
 
@@ -667,16 +636,9 @@ class KVStore:
         chunk_rows(slot, layer)  the chunk's rows as last written (THE SWEEPS read them)
         end_chunk(n)             the chunk's n tokens are done; pos, the tokens before it, grows
         start                    None, or (B,) each row's first slot in a left-padded batch of
-                                 prompts of different lengths (KVCache)
-    """
+                                 prompts of different lengths (KVCache)"""
 
     start = None
-
-    def rows(self, slot, layer, k, v):
-        raise NotImplementedError
-
-    def end_chunk(self, n_tokens):
-        raise NotImplementedError
 
 
 class KVCache(KVStore):
@@ -684,8 +646,7 @@ class KVCache(KVStore):
     k, v: (n_slots, n_layer, B, n_kv_head, max_len, head_dim), keys after RoPE; n_slots = n_loop
     in the loop layout (LoopLM), 1 in the shared layout (MELT: while a chunk runs its current rows,
     after its last loop its final rows). pos: tokens in the cache, advanced by end_chunk() only;
-    position: the same as a (1,) tensor, which the compiled decode step reads instead of a number.
-    """
+    position: the same as a (1,) tensor, which the compiled decode step reads instead of a number."""
 
     def __init__(self, layout, n_slots, n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device,
                  start=None):
@@ -727,16 +688,14 @@ class KVCache(KVStore):
     def check(self, model, B, T, R, layout):
         """Refuse a run of T tokens, batch B, R loops that this cache cannot hold, in one line."""
         cfg = model.config
-        if self.layout != cfg.cache:
-            raise MeltError(f"cache layout {self.layout!r} does not match the model's cache={cfg.cache!r}")
-        if cfg.cache == "shared" and layout != "shared":
-            raise MeltError("a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
-        if cfg.cache == "loop" and self.k.shape[0] < R:
-            raise MeltError(f"this loop cache has {self.k.shape[0]} loop slots, n_loops={R} needs {R}")
-        if self.batch_size != B or self.pos + T > self.max_len:
-            raise MeltError(f"cache is for batch size {self.batch_size}, got {B}" if self.batch_size != B else
-                            f"prompt of {T} tokens after {self.pos} cached ones exceeds the cache "
-                            f"length {self.max_len}: make a longer cache with new_cache()")
+        need(self.layout == cfg.cache, "cache layout {!r} does not match the model's cache={!r}", self.layout, cfg.cache)
+        need(cfg.cache == "loop" or layout == "shared",
+             "a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
+        need(cfg.cache == "shared" or self.k.shape[0] >= R, "this loop cache has {} loop slots, n_loops={} needs {}",
+             self.k.shape[0], R, R)
+        need(self.batch_size == B, "cache is for batch size {}, got {}", self.batch_size, B)
+        need(self.pos + T <= self.max_len, "prompt of {} tokens after {} cached ones exceeds the cache length {}: "
+             "make a longer cache with new_cache()", T, self.pos, self.max_len)
 
     def clone(self):
         """An independent copy at the same position (e.g. to branch generation from one prompt)."""

@@ -693,7 +693,8 @@ def main(argv):
     ap = _Args(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default=None, help="default out-lesson/<setting>_s<seed>")
+    ap.add_argument("--out", default=None, help="default out-lesson/<setting>_s<seed>; with --report, where its "
+                    "pictures go (default out-lesson/report)")
     ap.add_argument("--rows", default="all", help="comma-separated rows, 'core' (the claims' rows), 'dial' (the dial's "
                     "rows) or 'all' (every row but " + ", ".join(EXTRA) + ")")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (and force the CPU); 0: the GPU if any")
@@ -702,7 +703,7 @@ def main(argv):
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of the setting (repeatable), e.g. --set phase2_steps=300")
     ap.add_argument("--report", nargs="+", help="the table of these runs (OUT folders or results.json files), "
-                    "mean and worst seed, and their pictures")
+                    "mean and worst seed, and their pictures (in --out)")
     ap.add_argument("--score", nargs="+", metavar="CKPT", help="score these checkpoints on OUT/data's validation "
                     "rows (made for --setting and --seed if absent) at decode semantics, per p")
     ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)   # a row's process: run_parallel's pid
@@ -722,7 +723,8 @@ def main(argv):
         print(table(results, seeds=True))
         if any(r["model"] in DIALED for r in results):
             print("\n" + dial_table(results))
-        where = a.report[0] if os.path.isdir(a.report[0]) else os.path.dirname(a.report[0])
+        where = a.out or os.path.join("out-lesson", "report")   # never beside the runs or files reported
+        os.makedirs(where, exist_ok=True)
         plot(results, os.path.join(where, "lesson_seeds.png"))
         if any(r["model"] in DIALED for r in results):
             plot_dial(results, os.path.join(where, "dial_seeds.png"))

@@ -61,7 +61,6 @@ def measure(argv):
         block, chunk = min(block, 16), min(chunk, 4)
     rt = T.Runtime(cfg)
     teacher, student = models(TINY if tiny else OURO_1_4B, 2 if tiny else 4, block, chunk, rt.device)
-    student.checkpoint_mlp = cfg.checkpoint_mlp
     objective = D.DistillObjective(student, cfg)
     optimizer = T.make_optimizer(student, cfg, rt.device.type)
     cuda = rt.device.type == "cuda"
@@ -92,7 +91,7 @@ def measure(argv):
     return dict(params=student.num_params(False), block=block, chunk=chunk, micro=micro, device=str(rt.device),
                 dtype=rt.dtype, tok_s=micro * block / sum(times), optimizer_s=time.perf_counter() - t,
                 losses=losses, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                card=torch.cuda.get_device_name() if cuda else None, checkpoint_mlp=student.checkpoint_mlp), teacher, student
+                card=torch.cuda.get_device_name() if cuda else None, checkpoint_mlp=student.blocks[0].checkpoint_mlp), teacher, student
 
 
 def main(argv):

@@ -33,7 +33,9 @@ def main(argv):
     n = n_same = 0
     for cache, gate, chunk, thr, sweeps in [("loop", "learned", 8, 1.0, 0), ("shared", "learned", 8, 1.0, 0),
                                             ("shared", "mean", 5, 1.0, 0), ("shared", "learned", 4, 0.6, 0),
-                                            ("shared", "last", 16, 1.0, 0), ("shared", "learned", 8, 1.0, 2)]:
+                                            ("shared", "last", 16, 1.0, 0), ("shared", "learned", 8, 1.0, 2),
+                                            ("shared", "scalar", 8, 1.0, 0), ("shared", "ema", 8, 1.0, 0),
+                                            ("shared", "first", 8, 1.0, 0)]:
         kw = dict(vocab_size=61, n_embd=64, n_head=4, n_kv_head=2, n_layer=2, n_loop=3, block_size=64,
                   chunk_size=chunk, cache=cache, gate=gate, exit_threshold=thr, sweeps=sweeps)
         torch.manual_seed(0)

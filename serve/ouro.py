@@ -14,17 +14,20 @@ import torch
 from melt import MELT, MeltConfig, MeltError
 
 
-def from_ouro(path, dtype=None, device="cpu", **overrides):
+def from_ouro(path, dtype=None, device="cpu", torch_dtype=None, **overrides):
     """Read a local Hugging Face Ouro directory (config.json, model.safetensors or a sharded
     model.safetensors.index.json) into a MELT model. overrides are MeltConfig fields, e.g.
-    cache="shared", gate="last". Weights keep the file's dtype unless dtype is given. In shared mode the new gate parameters start as LatentGate.reset_parameters says.
-    A sharded checkpoint is read exactly as its index says. Nothing is downloaded."""
+    cache="shared", gate="last". Weights keep the file's dtype unless dtype (or torch_dtype, as
+    Hugging Face names it) is given. In shared mode the new gate parameters start as
+    LatentGate.reset_parameters says. A sharded checkpoint is read exactly as its index says.
+    Nothing is downloaded."""
     from safetensors import safe_open
 
     if not os.path.isdir(path):
         raise MeltError(f"no Ouro checkpoint directory at {path!r}")
     hf = _read_json(os.path.join(path, "config.json"), f"{path!r} has no config.json: not a Hugging Face checkpoint directory")
     config = ouro_config(hf, **overrides)
+    dtype = dtype or torch_dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
