@@ -33,7 +33,7 @@ class MeltError(ValueError):
 
 def need(ok, msg, *args):
     """Raise MeltError(msg, formatted with args if any) unless ok. The message is made only on
-    failure: the checks every decode step makes cost a comparison each."""
+    failure: the checks every decode step makes do no string work."""
     if not ok:
         raise MeltError(msg.format(*args) if args else msg)
 
