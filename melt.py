@@ -45,7 +45,8 @@ def check_run(n_loops, exit_threshold, chunk_size, sweeps, cache, alpha=1.0, loo
     need(0.0 < exit_threshold <= 1.0, "exit_threshold={} not in (0, 1]", exit_threshold)
     need(chunk_size >= 1, "chunk_size={} must be >= 1", chunk_size)
     need(sweeps >= 0, "sweeps={} must be >= 0", sweeps)
-    need(sweeps == 0 or cache == "shared", "sweeps={} needs cache='shared' (a loop cache has no chunks to sweep)", sweeps)
+    need(sweeps == 0 or cache == "shared", "sweeps={} needs cache='shared' (a loop cache has no chunks to sweep)",
+         sweeps)
     need(0.0 <= alpha <= 1.0, "alpha={} must be in [0, 1]", alpha)
 
 
@@ -688,7 +689,8 @@ class KVCache(KVStore):
     def check(self, model, B, T, R, layout):
         """Refuse a run of T tokens, batch B, R loops that this cache cannot hold, in one line."""
         cfg = model.config
-        need(self.layout == cfg.cache, "cache layout {!r} does not match the model's cache={!r}", self.layout, cfg.cache)
+        need(self.layout == cfg.cache, "cache layout {!r} does not match the model's cache={!r}", self.layout,
+             cfg.cache)
         need(cfg.cache == "loop" or layout == "shared",
              "a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
         need(cfg.cache == "shared" or self.k.shape[0] >= R, "this loop cache has {} loop slots, n_loops={} needs {}",
