@@ -32,8 +32,7 @@ class MeltError(ValueError):
 
 
 def need(ok, msg, *args):
-    """Raise MeltError(msg, formatted with args if any) unless ok. The message is made only on
-    failure: the checks every decode step makes do no string work."""
+    """Raise MeltError(msg, formatted with args if any) unless ok; no string work unless it fails."""
     if not ok:
         raise MeltError(msg.format(*args) if args else msg)
 
@@ -45,8 +44,7 @@ def check_run(n_loops, exit_threshold, chunk_size, sweeps, cache, alpha=1.0, loo
     need(0.0 < exit_threshold <= 1.0, "exit_threshold={} not in (0, 1]", exit_threshold)
     need(chunk_size >= 1, "chunk_size={} must be >= 1", chunk_size)
     need(sweeps >= 0, "sweeps={} must be >= 0", sweeps)
-    need(sweeps == 0 or cache == "shared", "sweeps={} needs cache='shared' (a loop cache has no chunks to sweep)",
-         sweeps)
+    need(sweeps == 0 or cache == "shared", "sweeps={} needs cache='shared' (a loop cache has no chunks)", sweeps)
     need(0.0 <= alpha <= 1.0, "alpha={} must be in [0, 1]", alpha)
 
 
@@ -96,10 +94,9 @@ class MeltConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head"):
             want(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         check_run(self.n_loop, self.exit_threshold, self.chunk_size, self.sweeps, self.cache, loops_name="n_loop")
-        want(self.sweeps_grad in ("all", "last"), f"sweeps_grad={self.sweeps_grad!r}, expected 'all' or 'last'")
-        want(self.cache in CACHE_LAYOUTS, f"cache={self.cache!r}, expected one of {CACHE_LAYOUTS}")
-        want(self.gate in GATES, f"gate={self.gate!r}, expected one of {GATES}")
-        want(self.loss in LOSSES, f"loss={self.loss!r}, expected one of {LOSSES}")
+        for name, allowed in (("cache", CACHE_LAYOUTS), ("gate", GATES), ("loss", LOSSES),
+                              ("sweeps_grad", ("all", "last"))):
+            want(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
         want(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         want(self.head_dim >= 2 and self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         want(0.0 < self.ema_rate <= 1.0, f"ema_rate={self.ema_rate} not in (0, 1]")
@@ -393,9 +390,9 @@ class MELT(nn.Module):
         chunk = cfg.chunk_size if chunk_size is None else chunk_size
         sweeps = cfg.sweeps if sweeps is None else sweeps
         if not torch.compiler.is_compiling():
-            if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
-                raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
-                                f"{tuple(getattr(idx, 'shape', ())) or type(idx).__name__} {getattr(idx, 'dtype', '')}")
+            need(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32),
+                 "token ids must be a (batch, length) tensor of int64, got {} {}",
+                 tuple(getattr(idx, "shape", ())) or type(idx).__name__, getattr(idx, "dtype", ""))
             check_run(R, q, chunk, sweeps, cfg.cache, alpha)
         B, T = idx.shape
         layout = self.kv_layout(alpha)
@@ -501,9 +498,8 @@ class MELT(nn.Module):
 
     def kv_layout(self, alpha):
         """The rows a forward at this alpha computes: "loop", "shared" or "both" (the transition)."""
-        if self.config.cache == "loop":
-            return "loop"
-        return "loop" if alpha == 0.0 else "shared" if alpha == 1.0 else "both"
+        loop = self.config.cache == "loop" or alpha == 0.0
+        return "loop" if loop else "shared" if alpha == 1.0 else "both"
 
     def check_ids(self, idx):
         """Refuse token ids outside the vocabulary with a clear message (a sync: not per step)."""
@@ -580,8 +576,7 @@ class MELT(nn.Module):
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
 
-    # the loops around prefill() live in serve/engine.py (gpt-fast's generate.py), with their
-    # arguments (temperature, top_k, cache, generator, n_loops, exit_threshold, decode_step)
+    # ---- the loops around prefill(), with their arguments, live in serve/engine.py ------------
 
     def generate(self, idx, max_new_tokens, *args, **kwargs):
         """Prompt idx (B, T) -> (B, T + max_new_tokens), temperature 0 greedy; a list of 1-D prompts
@@ -606,8 +601,7 @@ def exit_distribution(gate_logits, final=True):
     gate_logits: (R, ...) -> p: (R, ...). Same order of operations as the reference code.
     final=False: the loops so far of a run that may go on (no loop takes the remainder)."""
     lam = torch.sigmoid(gate_logits)
-    remaining = torch.ones_like(lam[0])
-    p = []
+    remaining, p = torch.ones_like(lam[0]), []
     for t in range(lam.shape[0]):
         if t < lam.shape[0] - 1 or not final:
             p.append(lam[t] * remaining)
