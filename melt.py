@@ -390,9 +390,9 @@ class MELT(nn.Module):
         chunk = cfg.chunk_size if chunk_size is None else chunk_size
         sweeps = cfg.sweeps if sweeps is None else sweeps
         if not torch.compiler.is_compiling():
-            need(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32),
-                 "token ids must be a (batch, length) tensor of int64, got {} {}",
-                 tuple(getattr(idx, "shape", ())) or type(idx).__name__, getattr(idx, "dtype", ""))
+            if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
+                raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
+                                f"{tuple(getattr(idx, 'shape', ())) or type(idx).__name__} {getattr(idx, 'dtype', '')}")
             check_run(R, q, chunk, sweeps, cfg.cache, alpha)
         B, T = idx.shape
         layout = self.kv_layout(alpha)
