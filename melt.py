@@ -11,8 +11,7 @@ A looped language model applies one stack of n_layer decoder layers n_loop times
                   memory whatever n_loop is. Training runs chunk-wise, as earlier tokens are final.
 
 Read top to bottom by its tags: THE LAYOUTS, THE GATE, THE CHUNKS, THE SWEEPS, THE LOOP, THE
-STORES. `naive_forward` in test_melt.py states both layouts token by token; serve/ holds what
-serves the model (compiled decoding, ragged batches, sampling, checkpoints, Ouro directories).
+STORES. `naive_forward` in test_melt.py states both layouts token by token; serve/ serves the model.
 """
 
 from dataclasses import dataclass
@@ -39,8 +38,7 @@ def need(ok, msg, *args):
 
 def check_run(n_loops, exit_threshold, chunk_size, sweeps, cache, alpha=1.0, loops_name="n_loops"):
     """How deep and in what chunks a forward runs: checked here for the config and for every run."""
-    need(isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1,
-         "{}={!r} must be an integer >= 1", loops_name, n_loops)
+    need(type(n_loops) is int and n_loops >= 1, "{}={!r} must be an integer >= 1", loops_name, n_loops)
     need(0.0 < exit_threshold <= 1.0, "exit_threshold={} not in (0, 1]", exit_threshold)
     need(chunk_size >= 1, "chunk_size={} must be >= 1", chunk_size)
     need(sweeps >= 0, "sweeps={} must be >= 0", sweeps)
@@ -363,9 +361,8 @@ class MELT(nn.Module):
         elif isinstance(module, LatentGate):
             module.reset_parameters()
 
-    def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if non_embedding else n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, n_loops=None, alpha=None):
         """idx (B, T) -> (logits (B, T, V) of the loop chosen by exit_threshold, loss or None)."""
@@ -385,7 +382,7 @@ class MELT(nn.Module):
         rest default to the config; chunk_size=1 is decode semantics."""
         cfg = self.config
         R = cfg.n_loop if n_loops is None else n_loops
-        q = cfg.exit_threshold if exit_threshold is None else float(exit_threshold)
+        threshold = cfg.exit_threshold if exit_threshold is None else float(exit_threshold)
         alpha = 1.0 if alpha is None else float(alpha)
         chunk = cfg.chunk_size if chunk_size is None else chunk_size
         sweeps = cfg.sweeps if sweeps is None else sweeps
@@ -393,23 +390,22 @@ class MELT(nn.Module):
             if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.dtype in (torch.int64, torch.int32)):
                 raise MeltError(f"token ids must be a (batch, length) tensor of int64, got "
                                 f"{tuple(getattr(idx, 'shape', ())) or type(idx).__name__} {getattr(idx, 'dtype', '')}")
-            check_run(R, q, chunk, sweeps, cfg.cache, alpha)
+            check_run(R, threshold, chunk, sweeps, cfg.cache, alpha)
         B, T = idx.shape
         layout = self.kv_layout(alpha)
         store = TrainHistory() if cache is None else cache
         if cache is not None:
             cache.check(self, B, T, R, layout)
-        need(store.pos + T <= cfg.block_size, "positions {}..{} exceed block_size={}", store.pos, store.pos + T - 1,
-             cfg.block_size)
+        need(store.pos + T <= cfg.block_size, "positions up to {} exceed block_size={}", store.pos + T - 1, cfg.block_size)
         # THE CHUNKS. Loop mode needs none: at loop r a token reads earlier tokens' loop-r rows,
         # which a causal mask over the whole sequence already gives. Shared mode reads earlier
         # tokens' *final* rows, which exist only once their chunk has run all its loops.
         if layout == "loop":
             chunk, sweeps = T, 0
         emb = self.tok_emb(idx)   # (B, T, C)
-        parts = [self.run_chunk(emb[:, i:i + chunk], store, R, alpha, q, collect_attn, sweeps)
+        parts = [self.run_chunk(emb[:, i:i + chunk], store, R, alpha, threshold, collect_attn, sweeps)
                  for i in range(0, T, chunk)]          # chunks in sequence, tokens within in parallel
-        return self.output(parts, R, q, collect_attn)
+        return self.output(parts, R, threshold, collect_attn)
 
     def chunk(self, store, c, R, alpha, device, dtype, sweep=False):
         """The Chunk of c tokens after store.pos (variable shapes: training, prefill)."""
@@ -487,10 +483,8 @@ class MELT(nn.Module):
         hidden = torch.cat([torch.stack(p.hidden) for p in parts], dim=2)             # (R', B, T, C)
         gate_logits = torch.cat([torch.stack(p.gate_logits) for p in parts], dim=2)   # (R', B, T)
         loops_used = torch.cat([p.loops_used for p in parts], dim=1)                  # (B, T)
-        attn = None
-        if collect_attn:
-            attn = [[torch.cat([p.attn[t][l] for p in parts], dim=1) for l in range(self.config.n_layer)]
-                    for t in range(len(parts[0].attn))]
+        attn = [[torch.cat([p.attn[t][l] for p in parts], dim=1) for l in range(self.config.n_layer)]
+                for t in range(len(parts[0].attn))] if collect_attn else None
         exit_probs = exit_distribution(gate_logits)
         choice = exit_choice(exit_probs, threshold)                            # (B, T)
         selected = hidden.gather(0, choice[None, :, :, None].expand(1, *hidden.shape[1:])).squeeze(0)
@@ -511,12 +505,12 @@ class MELT(nn.Module):
         """Per-loop logits (R, B, T, V) of a LoopOutput."""
         return self.lm_head(out.hidden)
 
-    def loss(self, out, targets, kind=None):
+    def loss(self, out, targets):
         """Training loss of a LoopOutput against targets (B, T), -1 ignored.
             expected_logits  cross-entropy of sum_t p_t * logits_t (what released Ouro code trains)
             expected_loss    sum_t p_t * CE_t - entropy_weight * H(p) (the Ouro paper's objective)
             last             cross-entropy of the last loop's logits"""
-        kind = kind or self.config.loss
+        kind = self.config.loss
         V = self.config.vocab_size
         flat_t = targets.reshape(-1)
         if kind == "last":
@@ -535,12 +529,9 @@ class MELT(nn.Module):
         return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
 
     def kv_bytes_per_token(self, n_loops=None, dtype=None):
-        """KV-cache bytes one token costs: keys and values of every slot and layer. A loop cache has
-        a slot per loop run (n_loops, default n_loop); a shared cache one, whatever the loops."""
-        c = self.config
-        slots = (n_loops or c.n_loop) if c.cache == "loop" else 1
-        size = (dtype or self.lm_head.weight.dtype).itemsize
-        return 2 * slots * c.n_layer * c.n_kv_head * c.head_dim * size
+        """KV-cache bytes one token costs: those of a one-token cache (new_cache), made on the meta
+        device, where nothing is allocated."""
+        return self.new_cache(1, 1, n_loops, dtype, "meta").nbytes
 
     # ---- weights in: serve/checkpoint.py (this project's checkpoints), serve/ouro.py ------------
 
@@ -554,7 +545,7 @@ class MELT(nn.Module):
         from serve.ouro import from_ouro
         return from_ouro(path, **options)
 
-    # ---- eager decoding: a cache, prefill (the prompt, and the eager one-token step) ----------
+    # ---- eager decoding: new_cache, prefill (the prompt or one token); the loops in serve/engine.py
 
     def new_cache(self, batch_size, max_seq_len=None, n_loops=None, dtype=None, device=None, start=None):
         """A preallocated KVCache: one slot per loop (n_loops) in the loop layout, one whatever the
@@ -575,8 +566,6 @@ class MELT(nn.Module):
             return prefill_ragged(self, idx, cache, n_loops, exit_threshold)
         out = self.run(idx, n_loops=n_loops, cache=cache, exit_threshold=exit_threshold)
         return self.lm_head(out.selected[:, -1]), out.loops_used
-
-    # ---- the loops around prefill(), with their arguments, live in serve/engine.py ------------
 
     def generate(self, idx, max_new_tokens, *args, **kwargs):
         """Prompt idx (B, T) -> (B, T + max_new_tokens), temperature 0 greedy; a list of 1-D prompts
@@ -602,13 +591,10 @@ def exit_distribution(gate_logits, final=True):
     final=False: the loops so far of a run that may go on (no loop takes the remainder)."""
     lam = torch.sigmoid(gate_logits)
     remaining, p = torch.ones_like(lam[0]), []
-    for t in range(lam.shape[0]):
-        if t < lam.shape[0] - 1 or not final:
-            p.append(lam[t] * remaining)
-            remaining = remaining * (1.0 - lam[t])
-        else:
-            p.append(remaining)
-    return torch.stack(p)
+    for lam_t in lam[:-1] if final else lam:
+        p.append(lam_t * remaining)
+        remaining = remaining * (1.0 - lam_t)
+    return torch.stack(p + [remaining] if final else p)
 
 
 def exit_choice(exit_probs, threshold):
@@ -683,8 +669,7 @@ class KVCache(KVStore):
     def check(self, model, B, T, R, layout):
         """Refuse a run of T tokens, batch B, R loops that this cache cannot hold, in one line."""
         cfg = model.config
-        need(self.layout == cfg.cache, "cache layout {!r} does not match the model's cache={!r}", self.layout,
-             cfg.cache)
+        need(self.layout == cfg.cache, "cache layout {!r} does not match the model's cache={!r}", self.layout, cfg.cache)
         need(cfg.cache == "loop" or layout == "shared",
              "a KV cache holds one layout: run with alpha=1 (MELT), or without a cache")
         need(cfg.cache == "shared" or self.k.shape[0] >= R, "this loop cache has {} loop slots, n_loops={} needs {}",
@@ -712,20 +697,20 @@ class TrainHistory(KVStore):
 
     def rows(self, slot, layer, k, v):
         self.current[slot, layer] = (k, v)   # in shared mode the last loop's write is the final row
-        if (slot, layer) not in self.past:
+        return self.after_past((slot, layer), k, v)
+
+    def after_past(self, key, k, v):
+        """The earlier chunks' rows of slot and layer `key`, then k, v (B, nkv, c, hs)."""
+        if key not in self.past:
             return k, v
-        pk, pv = self.past[slot, layer]
+        pk, pv = self.past[key]
         return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
 
     def chunk_rows(self, slot, layer):
         return self.current[slot, layer]
 
     def end_chunk(self, n_tokens):
-        for key, (k, v) in self.current.items():
-            if key in self.past:
-                pk, pv = self.past[key]
-                k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-            self.past[key] = (k, v)
+        self.past.update({key: self.after_past(key, k, v) for key, (k, v) in self.current.items()})
         self.current = {}
         self.pos += n_tokens
 

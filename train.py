@@ -432,7 +432,7 @@ def _train(cfg, model_keys, objective_cls, build_fn, rt, run_dir):
     peak = peak_flops(rt.device)
     if rt.master:
         c = raw.config
-        print(f"model: {raw.num_params(False)/1e6:.2f}M parameters, {c.n_layer} layers x {c.n_loop} loops, "
+        print(f"model: {raw.num_params()/1e6:.2f}M parameters, {c.n_layer} layers x {c.n_loop} loops, "
               f"cache={c.cache}" + (f", gate={c.gate}, chunk_size={c.chunk_size}, sweeps={c.sweeps}"
                                     if c.cache == "shared" else "")
               + f"; {tokens_per_step:,} tokens per step on {rt.device} ({rt.dtype})")

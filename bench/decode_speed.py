@@ -383,7 +383,7 @@ def main():
         return
     models = {name: MELT(MeltConfig(**CONFIG, **kw)).eval() for name, kw in MODELS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          + ", ".join(f"{name}: {m.num_params(False) / 1e6:.2f}M parameters" for name, m in models.items()))
+          + ", ".join(f"{name}: {m.num_params() / 1e6:.2f}M parameters" for name, m in models.items()))
     if "--profile" in sys.argv:
         for name in ("LoopLM", "MELT"):   # side by side: where MELT's step differs from the LoopLM's
             print(f"\n=== {name}")

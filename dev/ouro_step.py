@@ -88,7 +88,7 @@ def measure(argv):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync()
-    return dict(params=student.num_params(False), block=block, chunk=chunk, micro=micro, device=str(rt.device),
+    return dict(params=student.num_params(), block=block, chunk=chunk, micro=micro, device=str(rt.device),
                 dtype=rt.dtype, tok_s=micro * block / sum(times), optimizer_s=time.perf_counter() - t,
                 losses=losses, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 card=torch.cuda.get_device_name() if cuda else None, checkpoint_mlp=student.blocks[0].checkpoint_mlp), teacher, student

@@ -111,8 +111,8 @@ def decode_step_fixed(model, compile=False, buckets=True):
 
     def decode_step(idx, cache, n_loops=None, exit_threshold=None):
         R = model.config.n_loop if n_loops is None else n_loops
-        q = model.config.exit_threshold if exit_threshold is None else float(exit_threshold)
-        check_run(R, q, 1, 0, model.config.cache)   # checked here, outside the compiled graph
+        threshold = model.config.exit_threshold if exit_threshold is None else float(exit_threshold)
+        check_run(R, threshold, 1, 0, model.config.cache)   # checked here, outside the compiled graph
         cache.check(model, idx.shape[0], 1, R, model.config.cache)
         if not (idx.shape[1] == 1):
             raise MeltError(f"the fixed-shape decode step takes one token per sequence, got {idx.shape[1]}")
@@ -121,7 +121,7 @@ def decode_step_fixed(model, compile=False, buckets=True):
             torch._dynamo.mark_static_address(cache.v)
             torch.compiler.cudagraph_mark_step_begin()
         n_keys = key_bucket(cache.pos + 1, cache.max_len) if buckets else cache.max_len
-        logits, used = fn(idx, cache.k, cache.v, cache.position, cache.offsets, n_keys, R, q)
+        logits, used = fn(idx, cache.k, cache.v, cache.position, cache.offsets, n_keys, R, threshold)
         cache.end_chunk(1)
         if cuda_graphs:   # a CUDA graph's outputs are overwritten by its next replay
             logits, used = logits.clone(), used.clone()
@@ -174,11 +174,11 @@ def prefill_ragged(model, idx, cache, n_loops=None, exit_threshold=None):
     B, T = idx.shape
     logits, used = [], []
     for b in range(B):
-        s = int(cache.start[b])
-        one = model.new_cache(1, T - s, n_loops=n_loops, dtype=cache.k.dtype, device=cache.k.device)
-        lg, u = model.prefill(idx[b:b + 1, s:], one, n_loops, exit_threshold)
-        cache.k[:, :, b, :, s:T] = one.k[:, :, 0]   # (slots, layers, nkv, T - s, hs)
-        cache.v[:, :, b, :, s:T] = one.v[:, :, 0]
+        first = int(cache.start[b])
+        one = model.new_cache(1, T - first, n_loops=n_loops, dtype=cache.k.dtype, device=cache.k.device)
+        lg, u = model.prefill(idx[b:b + 1, first:], one, n_loops, exit_threshold)
+        cache.k[:, :, b, :, first:T] = one.k[:, :, 0]   # (slots, layers, nkv, T - first, hs)
+        cache.v[:, :, b, :, first:T] = one.v[:, :, 0]
         logits.append(lg)
         used.append(u[:, -1:])
     cache.end_chunk(T)
