@@ -600,7 +600,7 @@ def plot(results, path):
     point per model of the story (STORY; the seeds' range as a bar where there are several), then
     the accuracy per p of every model beside it."""
     plt = _pyplot()
-    main = [r for r in results if not r["model"].endswith(("_depth", "_exit")) and r["model"] not in DIALED]
+    main = [r for r in results if not r["model"].endswith(("_depth", "_exit")) and r["model"] not in DIAL]
     if plt is None or not main:
         return
     models = list(dict.fromkeys(r["model"] for r in main))

@@ -115,7 +115,8 @@ def test_dial_rows_cover_every_loop_count_and_keep_melt_at_one_slot(tmp_path):
     """--rows=dial on the toy setting: results.json has a row for every (model, p, loops run) of
     dial_looplm and dial_melt, loops 1 .. 2 x dial_loops; MELT's KV bytes per token are the same at
     every loop count and equal a standard transformer's, 2 (k, v) x layers x width x 4 bytes,
-    the LoopLM's that times the loops run; the adaptive-exit rows' mean loops lie in [1, dial_loops]."""
+    the LoopLM's that times the loops run; the adaptive-exit rows' mean loops lie in [1, dial_loops].
+    Its pictures: dial.png, and no lesson.png (no row of the lesson's story to draw)."""
     out = str(tmp_path / "dial")
     s = lesson.SETTINGS["toy"]
     lesson.main(["--setting=toy", "--seed=1", f"--out={out}", "--threads=1", "--jobs=1", "--rows=dial"])
@@ -135,6 +136,7 @@ def test_dial_rows_cover_every_loop_count_and_keep_melt_at_one_slot(tmp_path):
                                                         for p in s.hops}
     assert all(1.0 <= r["mean_loops"] <= s.dial_loops and r["n_loops"] == s.dial_loops for r in exits)
     assert os.path.exists(os.path.join(out, "dial.png")) or not _has_matplotlib()
+    assert not os.path.exists(os.path.join(out, "lesson.png"))
 
 
 def _has_matplotlib():
