@@ -31,6 +31,7 @@ every mode, and the table gives the median tok/s and medians of per-round ratios
 in the same mode, and to the same model eager): a ratio compares runs seconds apart.
 """
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -374,37 +375,53 @@ def batches_table(models, compile=True, n_rounds=3, sizes=(1, 4, 16), new=128):
             print(f"| {mode} | {c} | " + " | ".join(f"{m:,.0f}" for m in med) + f" | {med[-1] / med[0]:.1f}x |")
 
 
-def main():
+def parse(argv):
+    """The usage lines of the docstring as options: --help shows them; an unknown option, or two
+    tables asked at once, is refused in one line (exit 2) instead of running the headline."""
+    def lengths(text):   # "64,2048" -> [64, 2048]
+        return [int(n) for n in text.split(",")]
+    ap = argparse.ArgumentParser(prog="bench/decode_speed.py", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-compile", action="store_true", help="eager only")
+    table = ap.add_mutually_exclusive_group()
+    table.add_argument("--contexts", nargs="?", const=[64, 512, 1024, 2048, 4096], metavar="N,N,...",
+                       type=lengths, help="decode tok/s versus context length")
+    table.add_argument("--profile", action="store_true", help="where each layout's compiled step spends its time")
+    table.add_argument("--reference", metavar="DIR", help="the Ouro reference (its remote code in DIR) beside ours")
+    table.add_argument("--equal-memory", action="store_true", help="2,048-token contexts in one LoopLM's KV memory")
+    table.add_argument("--batches", action="store_true", help="ragged batches of 1, 4 and 16 prompts")
+    return ap.parse_args(argv)
+
+
+def main(argv):
+    a = parse(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    ref = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--reference=")]
-    if ref:
-        reference_table(ref[0], compile="--no-compile" not in sys.argv)
+    if a.reference:
+        reference_table(a.reference, compile=not a.no_compile)
         return
     models = {name: MELT(MeltConfig(**CONFIG, **kw)).eval() for name, kw in MODELS.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           + ", ".join(f"{name}: {m.num_params() / 1e6:.2f}M parameters" for name, m in models.items()))
-    if "--profile" in sys.argv:
+    if a.profile:
         for name in ("LoopLM", "MELT"):   # side by side: where MELT's step differs from the LoopLM's
             print(f"\n=== {name}")
             profile_step(models[name])
         return
-    if "--batches" in sys.argv:
-        batches_table(models, compile="--no-compile" not in sys.argv)
+    if a.batches:
+        batches_table(models, compile=not a.no_compile)
         return
-    if "--equal-memory" in sys.argv:
+    if a.equal_memory:
         equal_memory_table(models["LoopLM"], models["MELT"])
         return
-    ctx = [a for a in sys.argv if a.startswith("--contexts")]
-    if ctx:   # --contexts, or --contexts=64,2048 for some lengths only
-        lengths = [int(n) for n in ctx[0].split("=", 1)[1].split(",")] if "=" in ctx[0] else (64, 512, 1024, 2048, 4096)
-        contexts_table(models["LoopLM"], models["MELT"], lengths, compile="--no-compile" not in sys.argv)
+    if a.contexts:   # --contexts, or --contexts=64,2048 for some lengths only
+        contexts_table(models["LoopLM"], models["MELT"], a.contexts, compile=not a.no_compile)
         return
     for name, m in models.items():
         print(f"{name}: its matrix-vector products alone run at {products_rate(products_step(m, chained=True)):.0f} tok/s "
               f"in the step's order, {products_rate(products_step(m)):.0f} tok/s all independent", flush=True)
     modes = {"eager": {}}
-    if "--no-compile" not in sys.argv:
+    if not a.no_compile:
         for mode, make in (("compiled, dynamic shapes", lambda m: torch.compile(m.prefill, dynamic=True)),
                            ("compiled, fixed shapes", lambda m: m.decode_step_fixed(compile=True))):
             modes[mode] = {}
@@ -426,4 +443,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

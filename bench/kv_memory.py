@@ -11,6 +11,7 @@ caches are allocated with model.new_cache() and their tensors' bytes summed. Our
 device, which records shapes without allocating. All in bf16, as the paper's figures are.
 """
 
+import argparse
 import os
 import sys
 
@@ -50,13 +51,17 @@ def table(name, shape_cfg, device):
     return "\n".join(rows), results
 
 
-def main():
+def main(argv):
+    ap = argparse.ArgumentParser(prog="bench/kv_memory.py", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plot", action="store_true", help="also write bench/results/kv_memory.png (matplotlib)")
+    a = ap.parse_args(argv)
     small, small_res = table("Small config (vocab 512, width 256, 4 layers, 4 heads)", SMALL, "cpu")
     ouro, ouro_res = table("Ouro-1.4B shapes (24 layers, 16 kv heads x 128)", OURO_1_4B, "meta")
     print(small + "\n\n" + ouro + "\n")
     print("Paper (bf16, per token): Ouro-1.4B 0.786 MB, MELT-1.6B 0.197 MB. Ours at Ouro-1.4B's shapes: "
           f"LoopLM x4 {ouro_res['LoopLM', 4][0] / 1e6:.3f} MB, MELT {ouro_res['MELT', 4][0] / 1e6:.3f} MB.")
-    if "--plot" in sys.argv:
+    if a.plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -79,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

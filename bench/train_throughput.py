@@ -14,6 +14,8 @@ The models take turns, one step each per round, so every ratio compares steps se
 one after another, the same step drifted by 1.5x on a 2-core VM: RESULTS.md).
 """
 
+import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -25,15 +27,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from melt import MELT, MeltConfig  # noqa: E402
 
 
+BASE = dict(vocab_size=84, n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128)   # the model timed
+
+
 def main(argv):
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
-    device = torch.device(opts.pop("device", "cpu"))
-    steps = int(opts.pop("steps", 5))
-    B = int(opts.pop("batch_size", 16))
-    sweeps = int(opts.pop("sweeps", 0))
-    sizes = opts.pop("chunks", "")
-    base = dict(vocab_size=84, n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128)
-    base.update({k: int(v) for k, v in opts.items()})
+    ap = argparse.ArgumentParser(prog="bench/train_throughput.py", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model, after 2 warm-ups")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--chunks", default="", metavar="C,D,...", help="MELT's chunk sizes")
+    ap.add_argument("--sweeps", type=int, default=0, help="also each chunk size with K sweeps")
+    model_keys = [f.name for f in dataclasses.fields(MeltConfig) if f.type is int and f.name not in ("chunk_size", "sweeps")]
+    model = ap.add_argument_group("the model timed (MeltConfig; its defaults where BASE has none)")
+    for k in model_keys:
+        model.add_argument(f"--{k}", type=int, default=BASE.get(k), metavar="N")
+    a = ap.parse_args(argv)
+    device, steps, B, sweeps, sizes = torch.device(a.device), a.steps, a.batch_size, a.sweeps, a.chunks
+    base = {k: getattr(a, k) for k in model_keys if getattr(a, k) is not None}
     T = base["block_size"]
     torch.set_num_threads(2)
     runs = [("LoopLM (whole sequence)", dict(cache="loop"))]

@@ -356,3 +356,26 @@ def test_a_log_file_gets_progress_lines_not_bar_redraws(tiny_data, tmp_path):
     assert "\r" not in res.stdout + res.stderr
     assert [line.split(" |")[0] for line in res.stdout.splitlines() if line.startswith("step ") and "/" in line.split()[1]] \
         == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
+
+
+def test_bench_tools_refuse_an_option_they_do_not_know(capsys):
+    """bench/decode_speed.py, kv_memory.py and train_throughput.py read their options with
+    argparse: --help prints the usage and exits 0, and an unknown or misspelt option (also a
+    prefix of a real one) or two of decode_speed's tables at once exits 2 naming it, before any
+    model is built or measured (no table on stdout)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import decode_speed
+    import kv_memory
+    import train_throughput
+    for mod, wrong in ((decode_speed, ["--batch"]), (decode_speed, ["--profile", "--batches"]),
+                       (decode_speed, ["--contexts=64,x"]), (kv_memory, ["--plt"]),
+                       (train_throughput, ["--sweep=1"]), (train_throughput, ["--n_layers=2"])):
+        with pytest.raises(SystemExit) as exit_:
+            mod.main(wrong)
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 2 and out == "", (mod.__name__, wrong, out)
+        assert "error:" in err and wrong[-1].split("=")[0] in err, (mod.__name__, wrong, err)
+    for mod in (decode_speed, kv_memory, train_throughput):
+        with pytest.raises(SystemExit) as exit_:
+            mod.main(["--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: bench/{mod.__name__}.py")
