@@ -454,10 +454,8 @@ class MELT(nn.Module):
                         h_new, s[l], a = block(h, s[l], r, ck, prev[l], exited)
                         h = h_new if exited is None else torch.where(exited, h, h_new)
                         attn_r.append(a)
-                    h_final = self.norm(h)
-                    if exited is not None:
-                        h_final = torch.where(exited, out.hidden[-1], h_final)
-                    h = h_final                       # Ouro: the final norm's output is the next loop's input
+                    # Ouro: the final norm's output is the next loop's input (an exited token's stays)
+                    h = self.norm(h) if exited is None else torch.where(exited, out.hidden[-1], self.norm(h))
                     out.hidden.append(h)
                     out.gate_logits.append(self.exit_gate(h).squeeze(-1))   # (B, c)
                     if collect_attn:
