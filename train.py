@@ -80,7 +80,7 @@ DEFAULT_MODEL = dict(n_layer=2, n_loop=4, n_embd=128, n_head=4, block_size=128,
 
 def parse_args(argv, train_cls=TrainConfig):
     """argv -> (train config, model keys the user set): config files first, then --key=value."""
-    cfg, model_keys = parse_config(argv, train_cls)
+    cfg, model_keys = parse_config(argv, train_cls, DEFAULT_MODEL if train_cls is TrainConfig else None)
     return check_train_config(cfg), model_keys
 
 

@@ -44,10 +44,10 @@ class EvalConfig:
 
 
 def main(argv):
-    paths = [a for a in argv if not a.startswith("--")]
+    cfg, overrides = parse_config([a for a in argv if a.startswith("-")], EvalConfig)
+    paths = [a for a in argv if not a.startswith("-")]
     if len(paths) != 1:
         raise ConfigError("give one checkpoint path (and --key=value options)")
-    cfg, overrides = parse_config([a for a in argv if a.startswith("--")], EvalConfig)
     if cfg.batches < 1 or cfg.n_loops < 0 or not 0 < cfg.exit_threshold <= 1:
         raise ConfigError(f"batches={cfg.batches} must be >= 1, n_loops={cfg.n_loops} >= 0 (0: the model's), "
                           f"exit_threshold={cfg.exit_threshold} in (0, 1]")

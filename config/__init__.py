@@ -6,9 +6,11 @@ script's config dataclass or of melt.MeltConfig.
 """
 
 import ast
+import inspect
 import os
+import re
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields, is_dataclass
 
 from melt import MeltConfig, MeltError
 
@@ -60,8 +62,33 @@ def read_config_file(path):
     return out
 
 
-def parse_config(argv, train_cls):
-    """argv -> (train_cls instance, MeltConfig keys the user set). Config files first, then --key=value."""
+def options_help(cls, defaults=None, skip=()):
+    """`--key=default   comment` for every field of a config dataclass, the comment read from the
+    line that declares it (in the class or the class it extends). defaults: {key: value} over the
+    fields' own; None shows each key's type instead (a value that comes from elsewhere). skip:
+    keys another config takes first."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if is_dataclass(klass):
+            comments.update(re.findall(r"^ +(\w+): [^=\n]+=[^#\n]*# *(.*)$", inspect.getsource(klass), re.M))
+    lines = []
+    for f in [f for f in fields(cls) if f.name not in skip]:
+        own = f.default_factory() if f.default is MISSING else f.default
+        shown = f.type.__name__.upper() if defaults is None else repr(defaults.get(f.name, own))
+        lines.append(f"  --{f.name}={shown}".ljust(36) + f" {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_config(argv, train_cls, model_defaults=None):
+    """argv -> (train_cls instance, MeltConfig keys the user set). Config files first, then --key=value.
+    --help (or -h): the script's docstring and every key with its default, then exit. model_defaults:
+    the model of a run from scratch (train.py's), shown in the help; None: a checkpoint's config."""
+    if "--help" in argv or "-h" in argv:
+        model = ("the model (MeltConfig) of a run from scratch, vocab_size the dataset's" if model_defaults else
+                 "the model (MeltConfig): the loaded checkpoint's config, unless given")
+        print(f"{(sys.modules['__main__'].__doc__ or '').strip()}\n\nconfig files (name = value lines) first, "
+              f"then --key=value:\n{options_help(train_cls, {})}\n\n{model}:\n{options_help(MeltConfig, model_defaults, skip=_field_types(train_cls))}")
+        sys.exit(0)
     ttypes, mtypes = _field_types(train_cls), _field_types(MeltConfig)
     given = {}   # key -> (value, given as text on the command line)
     for arg in argv:

@@ -379,3 +379,39 @@ def test_bench_tools_refuse_an_option_they_do_not_know(capsys):
         with pytest.raises(SystemExit) as exit_:
             mod.main(["--help"])
         assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: bench/{mod.__name__}.py")
+
+
+def test_help_lists_every_key_with_its_default(tmp_path):
+    """`train.py --help` prints its docstring and every key it takes, exit 0, nothing trained:
+    each TrainConfig field as --name=default, each MeltConfig field with the default model of a
+    run from scratch (train.DEFAULT_MODEL over MeltConfig's own), each with the comment that
+    declares it. sample.py and evaluate.py (-h) list their own fields and the model's keys with
+    their types, as those default to the loaded checkpoint's config (but for keys their own
+    config takes first, listed once, there)."""
+    from dataclasses import MISSING, fields
+
+    import sample
+    from bench import evaluate
+    from melt import MeltConfig
+    res = cli("train.py", "--help", f"--out_dir={tmp_path / 'o'}")
+    assert res.returncode == 0 and res.stdout.startswith("Train a standard transformer") and res.stderr == ""
+    lines = res.stdout.splitlines()
+    def line_of(key):
+        return next(line.split() for line in lines if line.startswith(f"  --{key}="))
+    for f in fields(trainer.TrainConfig):
+        default = f.default_factory() if f.default is MISSING else f.default
+        assert line_of(f.name)[0] == f"--{f.name}={default!r}"
+    for f in fields(MeltConfig):
+        assert line_of(f.name)[0] == f"--{f.name}={trainer.DEFAULT_MODEL.get(f.name, f.default)!r}"
+    assert " ".join(line_of("n_loop")[1:]) == "times the stack runs per token; 1 is a standard transformer"
+    assert not os.path.exists(tmp_path / "o")
+    for script, flag, cls in (("sample.py", "--help", sample.SampleConfig), ("bench/evaluate.py", "-h", evaluate.EvalConfig)):
+        res = cli(script, flag)
+        assert res.returncode == 0, (script, res.stderr)
+        lines = res.stdout.splitlines()
+        for f in fields(cls):
+            assert line_of(f.name)[0] == f"--{f.name}={f.default!r}", script
+        own = {f.name for f in fields(cls)}
+        for f in fields(MeltConfig):
+            want = f"--{f.name}={f.default!r}" if f.name in own else f"--{f.name}={f.type.__name__.upper()}"
+            assert [line.split()[0] for line in lines if line.startswith(f"  --{f.name}=")] == [want], script
