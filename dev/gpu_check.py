@@ -17,6 +17,7 @@ the training checks; a lent GPU's time is short).
 3. The card's bf16 matrix-product rate on random data, the ceiling that MFU is measured against.
 """
 
+import argparse
 import os
 import statistics
 import sys
@@ -72,10 +73,13 @@ def matmul_tflops(device, n=8192, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def main():
-    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
-    device = torch.device(opts.get("device", "cuda"))
-    rounds = int(opts.get("rounds", 3))
+def main(argv):
+    ap = argparse.ArgumentParser(prog="dev/gpu_check.py", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cpu: the same code path without CUDA graphs")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode timing")
+    a = ap.parse_args(argv)
+    device, rounds = torch.device(a.device), a.rounds
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -126,4 +130,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
