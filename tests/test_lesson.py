@@ -199,3 +199,36 @@ def test_widest_counts_the_rows_that_can_run_side_by_side():
     assert lesson.widest(["dial_looplm", "dial_melt_phase1", "dial_melt"], steps) == 1
     assert lesson.widest(["dial_melt"], steps) == 1
     assert lesson.widest(list(lesson.TRAINED), steps) == 4
+
+
+def test_exit_gate_probe_targets_follow_the_loss_still_to_gain():
+    """dev/exit_gate_probe.py's targets, checked token by token against the per-loop losses
+    computed here with log_softmax: with a hard target (k large) a token's exit target at loop t
+    is 1 exactly when no later loop lowers its loss by more than gamma (--ahead=all) or the next
+    loop does not (--ahead=1); per="row" gives every token of a row the row's largest gain; and
+    positions without a target never count as gaining."""
+    sys.path.insert(0, os.path.join(ROOT, "dev"))
+    import exit_gate_probe
+    from test_melt import tiny_model
+    model = tiny_model(n_loop=4)
+    x = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(2))
+    y[:, :2] = -1
+    with torch.no_grad():
+        hidden = model.run(x).hidden
+        logp = torch.log_softmax(model.lm_head(hidden).double(), -1)              # (R, B, T, V)
+    R, gamma = hidden.shape[0], 0.01
+    ce = [[[-float(logp[t, b, i, y[b, i]]) if y[b, i] >= 0 else 0.0 for i in range(9)] for b in range(3)]
+          for t in range(R)]
+    for ahead in ("all", "1"):
+        for per in ("token", "row"):
+            target, _, scored = exit_gate_probe.gate_targets(model, x, y, ahead, k=1e6, gamma=gamma, per=per)
+            assert torch.equal(scored, y != -1)
+            for t in range(R - 1):
+                for b in range(3):
+                    later = [u for u in range(t + 1, R)] if ahead == "all" else [t + 1]
+                    gain = [max(0.0, ce[t][b][i] - min(ce[u][b][i] for u in later)) for i in range(9)]
+                    if per == "row":
+                        gain = [max(gain)] * 9
+                    want = torch.tensor([1.0 if g < gamma else 0.0 for g in gain])
+                    assert torch.equal(target[t, b].round(), want), (ahead, per, t, b)
