@@ -86,8 +86,9 @@ def parse_config(argv, train_cls, model_defaults=None):
     if "--help" in argv or "-h" in argv:
         model = ("the model (MeltConfig) of a run from scratch, vocab_size the dataset's" if model_defaults else
                  "the model (MeltConfig): the loaded checkpoint's config, unless given")
-        print(f"{(sys.modules['__main__'].__doc__ or '').strip()}\n\nconfig files (name = value lines) first, "
-              f"then --key=value:\n{options_help(train_cls, {})}\n\n{model}:\n{options_help(MeltConfig, model_defaults, skip=_field_types(train_cls))}")
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        print(f"{doc}\n\nconfig files (name = value lines) first, then --key=value:\n{options_help(train_cls, {})}\n\n"
+              f"{model}:\n{options_help(MeltConfig, model_defaults, skip=_field_types(train_cls))}")
         sys.exit(0)
     ttypes, mtypes = _field_types(train_cls), _field_types(MeltConfig)
     given = {}   # key -> (value, given as text on the command line)
