@@ -36,7 +36,8 @@ from serve.checkpoint import load_model  # noqa: E402
 def gate_targets(model, x, y, ahead, k=50.0, gamma=0.005, per="token"):
     """Exit targets (R-1, B, T) for loops 1..R-1, the hidden states (R, B, T, C), the scored mask (B, T).
     per="row": every token of a row gets the row's largest gain (no token exits while another
-    token of its row still gains: in the shared layout later tokens read an exited token's row)."""
+    token of its row still gains: in the shared layout later tokens read an exited token's row);
+    per="suffix": the largest gain of the token and the tokens after it, the ones that read it."""
     with torch.no_grad():
         out = model.run(x)
         R, B, Tn, V = out.hidden.shape[0], *x.shape, model.config.vocab_size
@@ -49,6 +50,8 @@ def gate_targets(model, x, y, ahead, k=50.0, gamma=0.005, per="token"):
         gain = (ce[:-1] - later).clamp_min(0) * (y != -1)
         if per == "row":
             gain = gain.amax(dim=2, keepdim=True).expand_as(gain)
+        elif per == "suffix":
+            gain = torch.flip(torch.cummax(torch.flip(gain, [2]), 2).values, [2])   # max over positions >= i
         return 1 - torch.sigmoid(k * (gain - gamma)), out.hidden, y != -1
 
 
@@ -78,7 +81,7 @@ def main(argv):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--k", type=float, default=50.0, help="sharpness of the target (large: a hard 0/1 target)")
     ap.add_argument("--gamma", type=float, default=0.005, help="the gain in CE below which going on is not worth it")
-    ap.add_argument("--per", choices=("token", "row"), default="token", help="whose gain sets a token's target")
+    ap.add_argument("--per", choices=("token", "row", "suffix"), default="token", help="whose gain sets a token's target")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--thresholds", default="0.5,0.7,0.9")
     ap.add_argument("--out", default="", help="write the results here as JSON")

@@ -205,8 +205,9 @@ def test_exit_gate_probe_targets_follow_the_loss_still_to_gain():
     """dev/exit_gate_probe.py's targets, checked token by token against the per-loop losses
     computed here with log_softmax: with a hard target (k large) a token's exit target at loop t
     is 1 exactly when no later loop lowers its loss by more than gamma (--ahead=all) or the next
-    loop does not (--ahead=1); per="row" gives every token of a row the row's largest gain; and
-    positions without a target never count as gaining."""
+    loop does not (--ahead=1); per="row" gives every token of a row the row's largest gain,
+    per="suffix" the largest of its own and later tokens'; and positions without a target never
+    count as gaining."""
     sys.path.insert(0, os.path.join(ROOT, "dev"))
     import exit_gate_probe
     from test_melt import tiny_model
@@ -221,7 +222,7 @@ def test_exit_gate_probe_targets_follow_the_loss_still_to_gain():
     ce = [[[-float(logp[t, b, i, y[b, i]]) if y[b, i] >= 0 else 0.0 for i in range(9)] for b in range(3)]
           for t in range(R)]
     for ahead in ("all", "1"):
-        for per in ("token", "row"):
+        for per in ("token", "row", "suffix"):
             target, _, scored = exit_gate_probe.gate_targets(model, x, y, ahead, k=1e6, gamma=gamma, per=per)
             assert torch.equal(scored, y != -1)
             for t in range(R - 1):
@@ -230,5 +231,7 @@ def test_exit_gate_probe_targets_follow_the_loss_still_to_gain():
                     gain = [max(0.0, ce[t][b][i] - min(ce[u][b][i] for u in later)) for i in range(9)]
                     if per == "row":
                         gain = [max(gain)] * 9
+                    elif per == "suffix":
+                        gain = [max(gain[i:]) for i in range(9)]
                     want = torch.tensor([1.0 if g < gamma else 0.0 for g in gain])
                     assert torch.equal(target[t, b].round(), want), (ahead, per, t, b)
