@@ -62,7 +62,8 @@ def report(paths):
     for path in paths:
         r = json.load(open(path))
         model = os.path.basename(os.path.dirname(r["ckpt"]))
-        targets = f"k={r.get('k', 50.0):g} gamma={r.get('gamma', 0.005):g} per {r.get('per', 'token')}"
+        targets = (f"k={r.get('k', 50.0):g} gamma={r.get('gamma', 0.005):g} per {r.get('per', 'token')}"
+                   + (", every position" if r.get("train_on") == "all" else ""))
         for when in ("before", "after"):
             for q, per_p in r[when].items():
                 cells = " | ".join(f"{acc:.3f} ({used:.2f})" for acc, used in per_p.values())
@@ -82,6 +83,8 @@ def main(argv):
     ap.add_argument("--k", type=float, default=50.0, help="sharpness of the target (large: a hard 0/1 target)")
     ap.add_argument("--gamma", type=float, default=0.005, help="the gain in CE below which going on is not worth it")
     ap.add_argument("--per", choices=("token", "row", "suffix"), default="token", help="whose gain sets a token's target")
+    ap.add_argument("--train_on", choices=("scored", "all"), default="scored",
+                    help="the positions the gate's loss covers: those with a target, or every one (row, suffix)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--thresholds", default="0.5,0.7,0.9")
     ap.add_argument("--out", default="", help="write the results here as JSON")
@@ -102,7 +105,9 @@ def main(argv):
                                                         for p, (acc, used) in got[q].items()), flush=True)
         return got
 
-    results = {"ckpt": a.ckpt, "ahead": a.ahead, "per": a.per, "steps": a.steps, "lr": a.lr, "k": a.k, "gamma": a.gamma,
+    if a.train_on == "all" and a.per == "token":
+        ap.error("--train_on=all needs --per=row or suffix (a position without a target has no gain of its own)")
+    results = {"ckpt": a.ckpt, "ahead": a.ahead, "per": a.per, "train_on": a.train_on, "steps": a.steps, "lr": a.lr, "k": a.k, "gamma": a.gamma,
                "before": scores("before")}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -118,6 +123,8 @@ def main(argv):
         target, hidden, scored = gate_targets(model, x, y, a.ahead, a.k, a.gamma, a.per)
         lam_logits = gate(hidden[:-1]).squeeze(-1)                                   # (R-1, B, T)
         loss = F.binary_cross_entropy_with_logits(lam_logits, target, reduction="none")
+        if a.train_on == "all":   # the positions without a target too (the first token, whose row all read)
+            scored = torch.ones_like(scored)
         loss = (loss * scored).sum() / (scored.sum() * (R - 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
