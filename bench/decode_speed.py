@@ -377,7 +377,7 @@ def batches_table(models, compile=True, n_rounds=3, sizes=(1, 4, 16), new=128):
 
 def parse(argv):
     """The usage lines of the docstring as options: --help shows them; an unknown option, or two
-    tables asked at once, is refused in one line (exit 2) instead of running the headline."""
+    tables asked at once, is refused with an error line naming it (exit 2), nothing run."""
     def lengths(text):   # "64,2048" -> [64, 2048]
         return [int(n) for n in text.split(",")]
     ap = argparse.ArgumentParser(prog="bench/decode_speed.py", description=__doc__, allow_abbrev=False,
