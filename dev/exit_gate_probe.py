@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import lesson  # noqa: E402
-from data.loader import Batches  # noqa: E402
+from data.loader import Batches, load_meta  # noqa: E402
 from serve.checkpoint import load_model  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def main(argv):
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     model, _ = load_model(a.ckpt)
-    meta = json.load(open(os.path.join(a.data_dir, "meta.json")))
+    meta = load_meta(a.data_dir)
     device = torch.device("cpu")
     thresholds = [float(q) for q in a.thresholds.split(",")]
     R = model.config.n_loop
@@ -116,7 +116,6 @@ def main(argv):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(gate.parameters(), lr=a.lr, weight_decay=0.0)
     batches = Batches(a.data_dir, meta, meta["seq_len"], 32, 1, seed=1)
-    model.train()
     t0 = time.time()
     for step in range(a.steps):
         x, y = batches.get("train", step, 0, device)
@@ -131,7 +130,6 @@ def main(argv):
         opt.step()
         if step % 50 == 0 or step == a.steps - 1:
             print(f"step {step}: gate loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    model.eval()
     results["after"] = scores("after")
     results["train_seconds"] = round(time.time() - t0, 1)   # the gate's training and the scoring after it
     if a.out:

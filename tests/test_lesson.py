@@ -227,7 +227,7 @@ def test_exit_gate_probe_targets_follow_the_loss_still_to_gain():
             assert torch.equal(scored, y != -1)
             for t in range(R - 1):
                 for b in range(3):
-                    later = [u for u in range(t + 1, R)] if ahead == "all" else [t + 1]
+                    later = list(range(t + 1, R)) if ahead == "all" else [t + 1]
                     gain = [max(0.0, ce[t][b][i] - min(ce[u][b][i] for u in later)) for i in range(9)]
                     if per == "row":
                         gain = [max(gain)] * 9
